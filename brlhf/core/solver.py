@@ -216,7 +216,9 @@ class PenaltySolver:
 
     def _checked(self, value: Any, closure: str, where: str) -> Tensor:
         if not isinstance(value, Tensor):
-            raise BilevelLossError(f"{closure} returned a {type(value).__name__} at {where}; expected a tensor")
+            raise BilevelLossError(
+                f"{closure} returned a {type(value).__name__} at {where}; expected a tensor"
+            )
         if value.numel() != 1:
             raise BilevelLossError(
                 f"{closure} returned a tensor of shape {tuple(value.shape)} at {where}; expected a scalar"
@@ -242,8 +244,11 @@ class PenaltySolver:
             p.grad = None
         self.backward(loss, params)
         grads = [p.grad for p in params if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads \
+        norm = (
+            torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            if grads
             else torch.zeros(())
+        )
         if self.config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         optimizer.step()
@@ -266,7 +271,9 @@ class PenaltySolver:
         penalised_loss = g_penalised
         if self.config.penalised_upper_grad:
             upper_batch = self.upper_batches() if self.upper_batches is not None else None
-            f = self._checked(self.upper_loss(self.penalised, upper_batch), "upper loss f", where + ", copy y")
+            f = self._checked(
+                self.upper_loss(self.penalised, upper_batch), "upper loss f", where + ", penalised copy y"
+            )
             penalised_loss = g_penalised + f / lam
         self._descend(penalised_loss, self.penalised_params, self.penalised_optimizer, "the penalised copy y")
         self.inner_step_count += 1

@@ -1,0 +1,294 @@
+"""The solver's contract: what each step touches, collapse, exact resume, schedules, and clear errors."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from brlhf.core import BilevelLossError, LambdaSchedule, PenaltyConfig, PenaltySolver
+from brlhf.problems import QuadraticProblem, Vector
+
+SGD = functools.partial(torch.optim.SGD, lr=0.1)
+
+
+def make_solver(
+    noise: float = 0.3, seed: int = 0, own_generator: bool = True, **config
+) -> tuple[PenaltySolver, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed) if own_generator else None  # None: torch's global RNG
+    problem = QuadraticProblem.random(dim_x=3, dim_y=4, seed=seed, noise=noise, batch_size=2, generator=gen)
+    x, lower = problem.init()
+    upper_loss, lower_loss = problem.closures(x)
+    solver = PenaltySolver(
+        [x],
+        lower,
+        upper_loss=upper_loss,
+        lower_loss=lower_loss,
+        upper_optimizer=functools.partial(torch.optim.Adam, lr=0.05),
+        lower_optimizer=functools.partial(torch.optim.Adam, lr=0.05),
+        config=PenaltyConfig(**{"lam": 10.0, "inner_steps": 3, **config}),
+        upper_batches=problem.upper_batch,
+        lower_batches=problem.lower_batch,
+    )
+    return solver, x
+
+
+def snapshot(solver: PenaltySolver) -> dict[str, list[torch.Tensor]]:
+    return {
+        name: [p.detach().clone() for p in params]
+        for name, params in [
+            ("x", solver.upper_params),
+            ("y", solver.penalised_params),
+            ("z", solver.pure_params),
+        ]
+    }
+
+
+def changed(before, after) -> set[str]:
+    return {k for k in before if any(not torch.equal(a, b) for a, b in zip(before[k], after[k]))}
+
+
+def test_each_step_moves_only_its_own_variables():
+    solver, _ = make_solver()
+    before = snapshot(solver)
+    solver.inner_step()
+    middle = snapshot(solver)
+    assert changed(before, middle) == {"y", "z"}
+    solver.upper_step()
+    assert changed(middle, snapshot(solver)) == {"x"}
+    assert all(p.grad is None or torch.equal(p.grad, p.grad) for p in solver.upper_params)
+
+
+def test_the_lower_module_is_copied_not_trained():
+    lower = Vector(torch.zeros(4))
+    solver, _ = make_solver()
+    solver2 = PenaltySolver(
+        solver.upper_params,
+        lower,
+        upper_loss=solver.upper_loss,
+        lower_loss=solver.lower_loss,
+        upper_optimizer=SGD,
+        lower_optimizer=SGD,
+    )
+    solver2.step()
+    assert torch.equal(lower.w, torch.zeros(4))
+    assert solver2.penalised is not lower and solver2.pure is not lower
+
+
+def test_collapse_without_upper_gradient_in_the_penalised_step():
+    """∇_y f switched off: y follows z exactly (same batches and random numbers), and the value gap is 0."""
+    solver, _ = make_solver(penalised_upper_grad=False)
+    for _ in range(20):
+        stats = solver.step()
+    for y, z in zip(solver.penalised_params, solver.pure_params):
+        assert torch.equal(y, z)
+    assert stats["value_gap"] == 0.0
+    # and with the term on, they differ
+    solver, _ = make_solver()
+    solver.step()
+    assert not torch.equal(solver.penalised_params[0], solver.pure_params[0])
+
+
+def test_common_random_numbers_make_the_value_gap_exact_at_y_equal_z():
+    """A closure that samples by itself (an RL rollout, say): at y = z the two ∇_x g terms cancel exactly
+    with common random numbers (the gap's variance is 0), and not without them."""
+    problem = QuadraticProblem.random(dim_x=3, dim_y=4, seed=0)
+    x, _ = problem.init()
+    upper_loss, lower_loss = problem.closures(x)
+    for crn in (True, False):
+        solver = PenaltySolver(
+            [x],
+            Vector(torch.randn(4)),
+            upper_loss=upper_loss,
+            lower_loss=lambda w, _: lower_loss(w, torch.randn(4)),  # its own noise
+            upper_optimizer=SGD,
+            lower_optimizer=SGD,
+            config=PenaltyConfig(common_random_numbers=crn),
+        )
+        gaps = [solver.upper_step()["value_gap"] for _ in range(3)]
+        assert all(gap == 0.0 for gap in gaps) == crn, gaps
+
+
+def test_state_dict_resumes_exactly():
+    """Save after 5 steps, run 5 more; a fresh solver loaded from the save gives the same 5 steps.
+    The batches come from torch's global RNG, which the state restores."""
+    torch.manual_seed(0)
+    solver, _ = make_solver(seed=3, own_generator=False)
+    for _ in range(5):
+        solver.step()
+    state = copy.deepcopy(solver.state_dict())
+    reference = [solver.step() for _ in range(5)]
+    final = snapshot(solver)
+
+    torch.manual_seed(123)  # a new process: other random state, fresh variables
+    resumed, _ = make_solver(seed=3, own_generator=False)
+    resumed.load_state_dict(state)
+    assert [resumed.step() for _ in range(5)] == reference
+    assert changed(final, snapshot(resumed)) == set()
+    assert resumed.outer_step == 10
+
+
+def test_lambda_schedule():
+    assert LambdaSchedule(10.0)(0) == LambdaSchedule(10.0)(1000) == 10.0
+    schedule = LambdaSchedule(1.0, power=0.5, lam_max=3.0)
+    assert [schedule(t) for t in (0, 3, 8, 100)] == [1.0, 2.0, 3.0, 3.0]
+    solver, _ = make_solver(lam=2.0, lam_power=1.0, lam_max=5.0)
+    assert [solver.step()["lam"] for _ in range(4)] == [2.0, 4.0, 5.0, 5.0]
+
+
+def test_projection_and_clipping():
+    solver, x = make_solver(max_grad_norm=1e-3)
+    solver.project_upper = lambda params: params[0].clamp_(-0.01, 0.01)
+    for _ in range(10):
+        solver.step()
+    assert x.abs().max().item() <= 0.01
+
+
+def test_optimizer_instances_are_accepted():
+    x = torch.zeros(1, requires_grad=True)
+    y, z = Vector(torch.zeros(1)), Vector(torch.zeros(1))
+    solver = PenaltySolver(
+        [x],
+        penalised=y,
+        pure=z,
+        upper_loss=lambda w, _: (w() - 1).square().sum() + x.square().sum(),
+        lower_loss=lambda w, _: (w() - x).square().sum(),
+        upper_optimizer=torch.optim.SGD([x], lr=0.1),
+        penalised_optimizer=torch.optim.SGD(y.parameters(), lr=0.1),
+        pure_optimizer=torch.optim.SGD(z.parameters(), lr=0.1),
+    )
+    solver.step()
+    assert solver.penalised is y and x.item() != 0
+
+
+# ---------------------------------------------------------------------------- bad input
+def quadratic_closures():
+    x = torch.zeros(2, requires_grad=True)
+    return x, (lambda w, _: w().square().sum() + x.sum()), (lambda w, _: (w() - x).square().sum())
+
+
+@pytest.mark.parametrize("lam", [0.0, -1.0])
+def test_non_positive_lambda_is_refused(lam):
+    with pytest.raises(ValueError, match="λ must be positive"):
+        PenaltyConfig(lam=lam)
+
+
+def test_bad_config_values_are_refused():
+    with pytest.raises(ValueError, match="inner_steps"):
+        PenaltyConfig(inner_steps=0)
+    with pytest.raises(ValueError, match="lam_max"):
+        PenaltyConfig(lam=10, lam_max=1)
+
+
+@pytest.mark.parametrize(
+    ("which", "bad", "message"),
+    [
+        ("upper", lambda w, _: w(), r"upper loss f returned a tensor of shape \(2,\) at outer step 0"),
+        (
+            "lower",
+            lambda w, _: torch.tensor(float("nan")) + w().sum(),
+            r"lower loss g returned nan at outer step 0",
+        ),
+        ("lower", lambda w, _: 3.0, "lower loss g returned a float"),
+    ],
+)
+def test_bad_closure_output_names_the_closure_and_step(which, bad, message):
+    x, f, g = quadratic_closures()
+    kwargs = {"upper_loss": bad if which == "upper" else f, "lower_loss": bad if which == "lower" else g}
+    solver = PenaltySolver([x], Vector(torch.zeros(2)), upper_optimizer=SGD, lower_optimizer=SGD, **kwargs)
+    with pytest.raises(BilevelLossError, match=message):
+        solver.step()
+
+
+def test_nan_appearing_later_is_reported_with_its_step():
+    x, f, g = quadratic_closures()
+    calls = {"n": 0}
+
+    def flaky_upper(w, batch):
+        calls["n"] += 1
+        return f(w, batch) * (float("inf") if calls["n"] > 4 else 1.0)
+
+    solver = PenaltySolver(
+        [x],
+        Vector(torch.zeros(2)),
+        upper_loss=flaky_upper,
+        lower_loss=g,
+        upper_optimizer=SGD,
+        lower_optimizer=SGD,
+    )
+    message = r"upper loss f returned -?inf at outer step 2 \(inner step 2\), penalised copy y"
+    with pytest.raises(BilevelLossError, match=message):
+        for _ in range(5):
+            solver.step()
+
+
+def test_parameters_without_gradients_are_refused():
+    x, f, g = quadratic_closures()
+    frozen = torch.zeros(2)
+    with pytest.raises(
+        ValueError, match=r"upper variable x\[0\] \(shape \(2,\)\) does not require gradients"
+    ):
+        PenaltySolver(
+            [frozen],
+            Vector(torch.zeros(2)),
+            upper_loss=f,
+            lower_loss=g,
+            upper_optimizer=SGD,
+            lower_optimizer=SGD,
+        )
+    lower = nn.Linear(2, 1).requires_grad_(False)
+    with pytest.raises(ValueError, match="penalised lower copy y has no parameter that requires gradients"):
+        PenaltySolver([x], lower, upper_loss=f, lower_loss=g, upper_optimizer=SGD, lower_optimizer=SGD)
+
+
+def test_mismatched_copies_are_refused():
+    x, f, g = quadratic_closures()
+    with pytest.raises(ValueError, match=r"mismatched shapes at tensor 0: \(2,\) vs \(3,\)"):
+        PenaltySolver(
+            [x],
+            penalised=Vector(torch.zeros(2)),
+            pure=Vector(torch.zeros(3)),
+            upper_loss=f,
+            lower_loss=g,
+            upper_optimizer=SGD,
+            lower_optimizer=SGD,
+        )
+    shared = Vector(torch.zeros(2))
+    with pytest.raises(ValueError, match="share tensor 0"):
+        PenaltySolver(
+            [x],
+            penalised=shared,
+            pure=shared,
+            upper_loss=f,
+            lower_loss=g,
+            upper_optimizer=SGD,
+            lower_optimizer=SGD,
+        )
+    with pytest.raises(ValueError, match="either `lower`"):
+        PenaltySolver([x], upper_loss=f, lower_loss=g, upper_optimizer=SGD, lower_optimizer=SGD)
+    with pytest.raises(TypeError, match="upper_loss must be callable"):
+        PenaltySolver(
+            [x],
+            Vector(torch.zeros(2)),
+            upper_loss=None,
+            lower_loss=g,
+            upper_optimizer=SGD,
+            lower_optimizer=SGD,
+        )
+
+
+def test_lower_loss_without_graph_is_refused():
+    x, f, _ = quadratic_closures()
+    solver = PenaltySolver(
+        [x],
+        Vector(torch.zeros(2)),
+        upper_loss=f,
+        lower_loss=lambda w, _: x.sum().detach(),
+        upper_optimizer=SGD,
+        lower_optimizer=SGD,
+    )
+    with pytest.raises(BilevelLossError, match="pure copy z does not depend on its parameters"):
+        solver.step()
