@@ -236,23 +236,24 @@ class PenaltySolver:
         """The current penalty weight λ_t."""
         return self.config.schedule(self.outer_step)
 
-    def _descend(self, loss: Tensor, params: list[Tensor], optimizer: Any, name: str) -> Tensor:
-        """One optimiser step on ``params`` only; returns the gradient norm (before clipping)."""
+    def _descend(
+        self, loss: Tensor, params: list[Tensor], optimizer: Any, name: str, norm: bool = False
+    ) -> Tensor:
+        """One optimiser step on ``params`` only; returns the gradient norm before clipping (if asked)."""
         if not loss.requires_grad:
             raise BilevelLossError(f"the loss of {name} does not depend on its parameters (no graph)")
         for p in params:
             p.grad = None
         self.backward(loss, params)
-        grads = [p.grad for p in params if p.grad is not None]
-        norm = (
-            torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-            if grads
-            else torch.zeros(())
-        )
+        grad_norm = torch.zeros(())
         if self.config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        elif norm:
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         optimizer.step()
-        return norm.detach()
+        return grad_norm.detach()
 
     def inner_step(self) -> dict[str, float]:
         """One step of each lower copy: ``z`` on ``g``; ``y`` on ``g + f/λ`` (same batch and randomness)."""
@@ -295,7 +296,9 @@ class PenaltySolver:
 
         value_gap = g_penalised - g_pure
         proxy_loss = f + lam * value_gap
-        grad_norm = self._descend(proxy_loss, self.upper_params, self.upper_optimizer, "the upper variable x")
+        grad_norm = self._descend(
+            proxy_loss, self.upper_params, self.upper_optimizer, "the upper variable x", norm=True
+        )
         if self.project_upper is not None:
             with torch.no_grad():
                 self.project_upper(self.upper_params)
