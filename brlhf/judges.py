@@ -31,6 +31,15 @@ Prompt = Any  # a string, or a list of chat messages
 Pair = Sequence[str]
 
 
+GOLD_RULES: dict[str, Callable[[Any, str], float]] = {
+    "spaces": lambda prompt, completion: completion.count(" ") / max(len(completion), 1),
+    "vowels": lambda prompt, completion: sum(ch in "aeiou" for ch in completion) / max(len(completion), 1),
+    "lowercase": lambda prompt, completion: sum(ch.islower() for ch in completion) / max(len(completion), 1),
+}
+"""Rule-based gold scores ``score(prompt, completion) -> float`` (fraction of spaces, vowels, lowercase
+letters) for the embedded recipe and the benchmarks: wrap one in :class:`FunctionJudge`."""
+
+
 @runtime_checkable
 class PairwiseJudge(Protocol):
     def judge(self, prompts: list[Prompt], completions: list[Pair]) -> list[int | None]:

@@ -85,9 +85,10 @@ def build_tiny_reward_model(
     return LlamaForSequenceClassification(_config(tokenizer, hidden, layers, num_labels=1))
 
 
-def tiny_lora_config(r: int = 16):
+def tiny_lora_config(r: int = 16, head: bool = True):
     """LoRA on every linear layer *and* the LM head: a random tiny model can only move its output
-    distribution quickly through the head (peft's ``"all-linear"`` leaves the head out)."""
+    distribution quickly through the head (peft's ``"all-linear"`` leaves the head out). ``head=False``
+    leaves the head out (TRL's GRPO / RLOO refuse a LoRA on ``lm_head``)."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -103,6 +104,6 @@ def tiny_lora_config(r: int = 16):
             "gate_proj",
             "up_proj",
             "down_proj",
-            "lm_head",
+            *(["lm_head"] if head else []),
         ],
     )

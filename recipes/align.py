@@ -26,18 +26,13 @@ from datasets import Dataset, load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import ModelConfig, TrlParser, get_peft_config
 
-from brlhf.judges import FunctionJudge
+from brlhf.judges import GOLD_RULES, FunctionJudge
 from brlhf.tiny import build_tiny_policy, build_tiny_reward_model, build_tiny_tokenizer, tiny_lora_config
 from brlhf.trainer import BilevelRLHFConfig, BilevelRLHFTrainer
 from brlhf.trainer.evaluation import gold_reward, win_rate
 from brlhf.trainer.rollout import encode_prompts, sample
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-GOLD_RULES = {
-    "spaces": lambda prompt, completion: completion.count(" ") / max(len(completion), 1),
-    "vowels": lambda prompt, completion: sum(ch in "aeiou" for ch in completion) / max(len(completion), 1),
-    "lowercase": lambda prompt, completion: sum(ch.islower() for ch in completion) / max(len(completion), 1),
-}
 DEFAULTS = dict(
     output_dir="outputs/align",
     max_steps=120,

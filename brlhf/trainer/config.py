@@ -85,6 +85,14 @@ class BilevelRLHFConfig(TrainingArguments):
             "'continue_without_labels' goes on with the offline data only."
         },
     )
+    label_replay: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep every online label and add its pair to the offline pool, so later reward steps "
+            "replay it (offline_batch_size pairs per step, weight offline_weight); False: each label "
+            "enters one reward step only."
+        },
+    )
     judge_timeout: float | None = field(
         default=60.0, metadata={"help": "Seconds per judge call (None: no limit)."}
     )

@@ -396,6 +396,15 @@ class BilevelRLHFTrainer(Trainer):
             dist.all_reduce(count)
         self.labels_used += int(count[0])
         self._stats["labels/step"] = float(count[0])
+        if self.args.label_replay and chosen:
+            self._preferences = (self._preferences or []) + [
+                {
+                    "prompt": rollout.prompts[c],
+                    "chosen": rollout.completions[c],
+                    "rejected": rollout.completions[r],
+                }
+                for c, r in zip(chosen, rejected)
+            ]
         if not chosen:
             return None
         device = rollout.logprobs.device
