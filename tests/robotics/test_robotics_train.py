@@ -1,0 +1,98 @@
+"""End to end: smoke runs of both methods on both tasks, exact checkpoint resume, bad configs, the plot."""
+
+import csv
+
+import pytest
+
+pytest.importorskip("dm_control")
+pytest.importorskip("metaworld")
+
+import torch  # noqa: E402
+
+from robotics import plot, train  # noqa: E402
+from robotics.config import make_config  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def _rows(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+SMOKE = [(env, method) for env in ("walker_walk", "door_open") for method in ("pebble", "brl")]
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    """Each method on each task with the smoke preset, once for the module."""
+    root = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for env, method in SMOKE:
+        cfg = make_config(env, method, "smoke")
+        out = train.run_dir(root, cfg)
+        runs[env, method] = (cfg, out, train.Trainer(cfg, out).run())
+    return root, runs
+
+
+@pytest.mark.parametrize("env, method", SMOKE)
+def test_smoke_run(smoke_runs, env, method):
+    cfg, out, rows = smoke_runs[1][env, method]
+    assert rows[-1]["step"] == cfg.steps
+    assert rows[-1]["labels_used"] == cfg.labels and rows[-1]["sessions"] == cfg.sessions
+    saved = _rows(out / "metrics.csv")
+    assert [int(r["step"]) for r in saved] == [r["step"] for r in rows]
+    assert (out / "checkpoint.pt").exists() and any((out / "tb").iterdir())
+    assert 0.0 <= float(saved[-1]["eval_success"]) <= 100.0
+    if method == "brl":
+        assert saved[-1]["z_eval_return"] != "" and saved[-1]["value_gap"] != ""
+
+
+def test_resume_reproduces_the_uninterrupted_run(smoke_runs, tmp_path):
+    cfg, full_out, _ = smoke_runs[1]["door_open", "brl"]
+    first = train.Trainer(cfg, tmp_path / "b")
+    first.run(max_steps=1000)  # stops after the evaluation (and checkpoint) at step 1000
+    second = train.Trainer(cfg, tmp_path / "b")
+    assert second.resume() and second.step == 1000
+    second.run()
+    a, b = _rows(full_out / "metrics.csv"), _rows(tmp_path / "b" / "metrics.csv")
+    drop = {"sps", "wall_s"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in a] == [
+        {k: v for k, v in r.items() if k not in drop} for r in b
+    ]
+    # a checkpoint from another configuration is refused
+    other = train.Trainer(make_config("door_open", "brl", "smoke", lam=3.0), tmp_path / "b")
+    with pytest.raises(ValueError, match="another configuration"):
+        other.resume()
+
+
+def test_plot_draws_both_tasks_from_the_csvs(smoke_runs, tmp_path):
+    table = plot.plot(smoke_runs[0], "smoke", tmp_path / "fig.png")
+    assert (tmp_path / "fig.png").stat().st_size > 1000
+    assert table.count("| walker_walk |") == 2 and table.count("| door_open |") == 2
+    assert (tmp_path / "table.md").read_text().strip() == table
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(env="cheetah_run", method="pebble"), "unknown task 'cheetah_run'"),
+        (dict(env="walker_walk", method="ppo"), "unknown method 'ppo'"),
+        (dict(env="walker_walk", method="pebble", preset="huge"), "unknown preset 'huge'"),
+        (dict(env="walker_walk", method="brl", labels=1000), "label budget 1000 cannot be spent"),
+        (dict(env="door_open", method="pebble", segment=600), "does not fit in a door_open episode of 500"),
+        (dict(env="door_open", method="pebble", preset="smoke", unsup_steps=100), "no segment to query"),
+        (dict(env="walker_walk", method="brl", lam=0.0), "lam must be positive"),
+    ],
+)
+def test_bad_configs_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_config(**kwargs)
+
+
+def test_cli_refuses_before_running(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="label budget 5000 cannot be spent"):
+        train.main(["--env", "walker_walk", "--method", "brl", "--labels", "5000", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="unknown task"):
+        train.main(["--env", "hopper", "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())  # nothing was written
