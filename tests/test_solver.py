@@ -121,6 +121,7 @@ def test_state_dict_resumes_exactly():
         solver.step()
     state = copy.deepcopy(solver.state_dict())
     reference = [solver.step() for _ in range(5)]
+    live = solver.state_dict()
     final = snapshot(solver)
 
     torch.manual_seed(123)  # a new process: other random state, fresh variables
@@ -129,6 +130,10 @@ def test_state_dict_resumes_exactly():
     assert [resumed.step() for _ in range(5)] == reference
     assert changed(final, snapshot(resumed)) == set()
     assert resumed.outer_step == 10
+    # loading a live solver's state shares no optimiser tensor with it
+    resumed.load_state_dict(live)
+    moments = lambda opt: {id(t) for st in opt.state.values() for t in st.values() if torch.is_tensor(t)}
+    assert not moments(resumed.pure_optimizer) & moments(solver.pure_optimizer)
 
 
 def test_lambda_schedule():

@@ -331,9 +331,10 @@ class PenaltySolver:
         _load_variable_state(self.upper, self.upper_params, state["upper"])
         _load_variable_state(self.penalised, self.penalised_params, state["penalised"])
         _load_variable_state(self.pure, self.pure_params, state["pure"])
-        self.upper_optimizer.load_state_dict(state["upper_optimizer"])
-        self.penalised_optimizer.load_state_dict(state["penalised_optimizer"])
-        self.pure_optimizer.load_state_dict(state["pure_optimizer"])
+        # torch's Optimizer.load_state_dict keeps the given tensors: copy them, so that a state taken
+        # from a live solver never makes two optimisers share their moment estimates.
+        for name in ("upper_optimizer", "penalised_optimizer", "pure_optimizer"):
+            getattr(self, name).load_state_dict(copy.deepcopy(state[name]))
         self.outer_step, self.inner_step_count = state["outer_step"], state["inner_step"]
         if restore_rng:
             set_rng_state(state["rng"])
