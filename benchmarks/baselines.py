@@ -145,8 +145,14 @@ class F2SAConfig:
     batch: int = 1
 
 
-def run_f2sa(orc: Oracles, x: Tensor, y: Tensor, cfg: F2SAConfig, max_samples: int,
-             record: Callable[[int, Tensor], None]) -> None:
+def run_f2sa(
+    orc: Oracles,
+    x: Tensor,
+    y: Tensor,
+    cfg: F2SAConfig,
+    max_samples: int,
+    record: Callable[[int, Tensor], None],
+) -> None:
     z = y.clone()
     k = 0
     while orc.samples < max_samples:
@@ -175,10 +181,10 @@ def run_f2sa(orc: Oracles, x: Tensor, y: Tensor, cfg: F2SAConfig, max_samples: i
 class SOBAConfig:
     """SOBA (Dagréou, Ablin, Vaiter, Moreau 2022), single loop, one HVP a step:
 
-        D_y = ∇_y g(x, y; ζ),   D_v = ∇²_yy g(x, y; ζ) v + ∇_y f(x, y; ξ)
-        D_x = ∇_x f(x, y; ξ) + ∇²_xy g(x, y; ζ) v
-        y ← y − ρ_t D_y,   v ← v − ρ_t D_v,   x ← x − γ_t D_x
-        ρ_t = ρ0 (1 + t/t0)^(-2/5),  γ_t = γ0 (1 + t/t0)^(-3/5)   (their decreasing-step theorem: O(T^(-2/5)))
+    D_y = ∇_y g(x, y; ζ),   D_v = ∇²_yy g(x, y; ζ) v + ∇_y f(x, y; ξ)
+    D_x = ∇_x f(x, y; ξ) + ∇²_xy g(x, y; ζ) v
+    y ← y − ρ_t D_y,   v ← v − ρ_t D_v,   x ← x − γ_t D_x
+    ρ_t = ρ0 (1 + t/t0)^(-2/5),  γ_t = γ0 (1 + t/t0)^(-3/5)   (their decreasing-step theorem: O(T^(-2/5)))
     """
 
     rho0: float = 0.1
@@ -187,8 +193,14 @@ class SOBAConfig:
     batch: int = 1
 
 
-def run_soba(orc: Oracles, x: Tensor, y: Tensor, cfg: SOBAConfig, max_samples: int,
-             record: Callable[[int, Tensor], None]) -> None:
+def run_soba(
+    orc: Oracles,
+    x: Tensor,
+    y: Tensor,
+    cfg: SOBAConfig,
+    max_samples: int,
+    record: Callable[[int, Tensor], None],
+) -> None:
     v = torch.zeros_like(y)
     t = 0
     while orc.samples < max_samples:

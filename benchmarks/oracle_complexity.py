@@ -75,8 +75,16 @@ class Lower(nn.Module):
         self.y = nn.Parameter(y0.clone())
 
 
-def penalty_solver(orc: Oracles, x: Tensor, y0: Tensor, lam: float, lam_power: float, lr_x: float,
-                   lr_y: float, batch: Callable[[], int]) -> PenaltySolver:
+def penalty_solver(
+    orc: Oracles,
+    x: Tensor,
+    y0: Tensor,
+    lam: float,
+    lam_power: float,
+    lr_x: float,
+    lr_y: float,
+    batch: Callable[[], int],
+) -> PenaltySolver:
     """brlhf's PenaltySolver on counted stochastic closures; ``batch()`` gives the current minibatch size."""
 
     def upper(low: Lower, b: dict) -> Tensor:
@@ -94,21 +102,26 @@ def penalty_solver(orc: Oracles, x: Tensor, y0: Tensor, lam: float, lam_power: f
         return {"xi": orc.noise_g(n), "B": n}
 
     return PenaltySolver(
-        [x], Lower(y0), upper_loss=upper, lower_loss=lower,
+        [x],
+        Lower(y0),
+        upper_loss=upper,
+        lower_loss=lower,
         upper_optimizer=functools.partial(torch.optim.SGD, lr=lr_x),
         lower_optimizer=functools.partial(torch.optim.SGD, lr=lr_y),
         config=PenaltyConfig(lam=lam, lam_power=lam_power, inner_steps=1, check_finite=False),
-        upper_batches=f_batch, lower_batches=g_batch,
+        upper_batches=f_batch,
+        lower_batches=g_batch,
     )
 
 
-def run_penalty_eps(problem: Any, eps: float, seed: int, lr_x: float, c_b: float,
-                    c_t: float) -> tuple[int, float, float]:
+def run_penalty_eps(
+    problem: Any, eps: float, seed: int, lr_x: float, c_b: float, c_t: float
+) -> tuple[int, float, float]:
     """Theorem 2's choices for target ε: λ = ε^-1/2, T = ⌈c_T/ε⌉, K = ⌈ln 1/ε⌉ + 1, B = ⌈c_B ε^-2⌉."""
     orc = Oracles(problem, torch.Generator().manual_seed(seed))
     x = problem.x0().requires_grad_(True)
-    lam, steps, k = eps ** -0.5, math.ceil(c_t / eps), math.ceil(math.log(1 / eps)) + 1
-    b = math.ceil(c_b * eps ** -2)
+    lam, steps, k = eps**-0.5, math.ceil(c_t / eps), math.ceil(math.log(1 / eps)) + 1
+    b = math.ceil(c_b * eps**-2)
     solver = penalty_solver(orc, x, problem.y0(), lam, 0.0, lr_x, 1.0 / problem.L_g, lambda: b)
     rec = Recorder(problem, [])
     for _ in range(steps):
@@ -120,13 +133,22 @@ def run_penalty_eps(problem: Any, eps: float, seed: int, lr_x: float, c_b: float
     return rec.final(orc.samples, x)
 
 
-def run_penalty_increasing(problem: Any, seed: int, lr_x: float, c_b: float, lam0: float, max_samples: float,
-                           record: Recorder) -> None:
+def run_penalty_increasing(
+    problem: Any, seed: int, lr_x: float, c_b: float, lam0: float, max_samples: float, record: Recorder
+) -> None:
     """λ_t = λ₀ √(1+t), B_t = ⌈c_B (1+t)²⌉, K_t = ⌈ln(1+t)⌉ + 1."""
     orc = Oracles(problem, torch.Generator().manual_seed(seed))
     x = problem.x0().requires_grad_(True)
-    solver = penalty_solver(orc, x, problem.y0(), lam0, 0.5, lr_x, 1.0 / problem.L_g,
-                            lambda: math.ceil(c_b * (1 + solver.outer_step) ** 2))
+    solver = penalty_solver(
+        orc,
+        x,
+        problem.y0(),
+        lam0,
+        0.5,
+        lr_x,
+        1.0 / problem.L_g,
+        lambda: math.ceil(c_b * (1 + solver.outer_step) ** 2),
+    )
     while orc.samples < max_samples and torch.isfinite(x).all():
         for _ in range(math.ceil(math.log(1 + solver.outer_step)) + 1):
             solver.inner_step()
@@ -146,18 +168,31 @@ class Anytime:
 
 def anytime_methods(batch: int) -> list[Anytime]:
     def pen(problem: Any, seed: int, p: dict, budget: float, rec: Recorder) -> None:
-        run_penalty_increasing(problem, seed, lr_x=p["eta"], c_b=0.1, lam0=1.0, max_samples=budget,
-                               record=rec)
+        run_penalty_increasing(
+            problem, seed, lr_x=p["eta"], c_b=0.1, lam0=1.0, max_samples=budget, record=rec
+        )
 
     def f2sa(problem: Any, seed: int, p: dict, budget: float, rec: Recorder) -> None:
         cfg = F2SAConfig(gamma0=1.0 / problem.L_g, lam0=p["lam0"], eta0=p["eta"], batch=batch)
-        run_f2sa(Oracles(problem, torch.Generator().manual_seed(seed)), problem.x0(), problem.y0(), cfg,
-                 int(budget), rec)
+        run_f2sa(
+            Oracles(problem, torch.Generator().manual_seed(seed)),
+            problem.x0(),
+            problem.y0(),
+            cfg,
+            int(budget),
+            rec,
+        )
 
     def soba(problem: Any, seed: int, p: dict, budget: float, rec: Recorder) -> None:
         cfg = SOBAConfig(rho0=0.5 / problem.L_g, gamma0=p["eta"], batch=batch)
-        run_soba(Oracles(problem, torch.Generator().manual_seed(seed)), problem.x0(), problem.y0(), cfg,
-                 int(budget), rec)
+        run_soba(
+            Oracles(problem, torch.Generator().manual_seed(seed)),
+            problem.x0(),
+            problem.y0(),
+            cfg,
+            int(budget),
+            rec,
+        )
 
     etas = [{"eta": e} for e in (0.03, 0.1, 0.3, 1.0)]
     return [
@@ -169,7 +204,7 @@ def anytime_methods(batch: int) -> list[Anytime]:
 
 def tune_score(err: list[float]) -> float:
     """Mean log error over the second half of the checkpoints (lower is better; divergence is +inf)."""
-    tail = err[len(err) // 2:]
+    tail = err[len(err) // 2 :]
     if not tail or not all(math.isfinite(e) and e > 0 for e in tail):
         return math.inf
     return sum(math.log(e) for e in tail) / len(tail)
@@ -189,8 +224,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="minibatch of F2SA and SOBA")
     parser.add_argument("--eps", type=float, nargs="+", default=[0.3, 0.1, 0.03, 0.01, 0.003])
     parser.add_argument("--targets", type=float, nargs="+", default=[1e-1, 1e-2, 1e-3])
-    parser.add_argument("--quick", action="store_true",
-                        help="2 seeds, budget 5e4, ε down to 0.03; prints only, writes no files")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 seeds, budget 5e4, ε down to 0.03; prints only, writes no files",
+    )
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.budget, args.eps = 2, 5e4, [0.3, 0.1, 0.03]
@@ -199,9 +237,11 @@ def main() -> None:
     seeds = list(range(args.seeds))
     rows: list[dict] = []
     curves: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
-    print(f"criterion E‖∇Φ(x_T)‖² (squared norm, mean over {args.seeds} seeds); "
-          "step sizes tuned on seed 1000; "
-          f"F2SA/SOBA minibatch B={args.batch}, budget {args.budget:.0e} samples")
+    print(
+        f"criterion E‖∇Φ(x_T)‖² (squared norm, mean over {args.seeds} seeds); "
+        "step sizes tuned on seed 1000; "
+        f"F2SA/SOBA minibatch B={args.batch}, budget {args.budget:.0e} samples"
+    )
     for pname, problem in problems.items():
         curves[pname] = {}
         print(f"\n=== {pname} ===   ‖∇Φ(x0)‖² = {float(problem.grad_phi(problem.x0()).square().sum()):.3g}")
@@ -226,23 +266,31 @@ def main() -> None:
             fit = [(a, b) for a, b in zip(xs, mean_err) if a >= xs[-1] / 100 and math.isfinite(b) and b > 0]
             slope = log_slope([a for a, _ in fit], [b for _, b in fit]) if len(fit) > 2 else math.nan
             curves[pname][meth.name] = (xs, mean_err, lo, hi, slope, meth.theory)
-            print(f"{meth.name:<24} {setting}; slope of log E‖∇Φ‖² vs log samples (last 2 decades): "
-                  f"{slope:.3f} (theory {meth.theory}); final E‖∇Φ‖² {mean_err[-1]:.3g}; "
-                  f"wall {statistics.fmean(r.time[-1] for r in recs):.1f} s")
+            print(
+                f"{meth.name:<24} {setting}; slope of log E‖∇Φ‖² vs log samples (last 2 decades): "
+                f"{slope:.3f} (theory {meth.theory}); final E‖∇Φ‖² {mean_err[-1]:.3g}; "
+                f"wall {statistics.fmean(r.time[-1] for r in recs):.1f} s"
+            )
             for target in args.targets:
                 hit = next((i for i, e in enumerate(mean_err) if e <= target), None)
                 per_seed = []
                 for r in recs:
                     j = next((i for i, e in enumerate(r.err) if e <= target), None)
                     per_seed.append(checkpoints[j] if j is not None else math.inf)
-                rows.append({
-                    "problem": pname, "method": meth.name, "target": target,
-                    "samples": f"{xs[hit]:.3g}" if hit is not None else f">{args.budget:.0e}",
-                    "seconds": (f"{statistics.fmean(r.time[hit] for r in recs):.2f}"
-                                if hit is not None else ""),
-                    "per-seed samples median [min, max]": spread(per_seed), "slope": f"{slope:.3f}",
-                    "theory slope": meth.theory,
-                })
+                rows.append(
+                    {
+                        "problem": pname,
+                        "method": meth.name,
+                        "target": target,
+                        "samples": f"{xs[hit]:.3g}" if hit is not None else f">{args.budget:.0e}",
+                        "seconds": (
+                            f"{statistics.fmean(r.time[hit] for r in recs):.2f}" if hit is not None else ""
+                        ),
+                        "per-seed samples median [min, max]": spread(per_seed),
+                        "slope": f"{slope:.3f}",
+                        "theory slope": meth.theory,
+                    }
+                )
         # --- penalty, fixed λ, Theorem 2 choices per ε (lr_x, c_B, c_T: the cheapest run on seed 1000 that
         # meets ε = 0.03)
         best = None
@@ -263,21 +311,37 @@ def main() -> None:
         good = [(s, e) for s, e, *_ in pts if math.isfinite(e) and e > 0]
         slope = log_slope([s for s, _ in good], [e for _, e in good]) if len(good) > 2 else math.nan
         name = "penalty, fixed λ=ε^-1/2"
-        curves[pname][name] = ([p[0] for p in pts], [p[1] for p in pts], [min(p[2]) for p in pts],
-                               [max(p[2]) for p in pts], slope, "-1/3")
-        print(f"{name:<24} lr_x {lr_x:g}, c_B {c_b:g}, c_T {c_t:g}; slope over the ε runs: {slope:.3f} "
-              "(theory -1/3)")
+        curves[pname][name] = (
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            [min(p[2]) for p in pts],
+            [max(p[2]) for p in pts],
+            slope,
+            "-1/3",
+        )
+        print(
+            f"{name:<24} lr_x {lr_x:g}, c_B {c_b:g}, c_T {c_t:g}; slope over the ε runs: {slope:.3f} "
+            "(theory -1/3)"
+        )
         for samples, err, errs, secs, eps in pts:
-            print(f"    ε={eps:<6g} samples {samples:.3g}  E‖∇Φ‖² {err:.3g}  per seed {spread(errs)}  "
-                  f"({'meets' if err <= eps else 'misses'} ε)  {secs:.2f} s")
+            print(
+                f"    ε={eps:<6g} samples {samples:.3g}  E‖∇Φ‖² {err:.3g}  per seed {spread(errs)}  "
+                f"({'meets' if err <= eps else 'misses'} ε)  {secs:.2f} s"
+            )
         for target in args.targets:
             hit = next(((s, secs) for s, e, _, secs, _ in pts if e <= target), None)
-            rows.append({
-                "problem": pname, "method": name, "target": target,
-                "samples": f"{hit[0]:.3g}" if hit else "not reached (ε grid)",
-                "seconds": f"{hit[1]:.2f}" if hit else "", "per-seed samples median [min, max]": "",
-                "slope": f"{slope:.3f}", "theory slope": "-1/3",
-            })
+            rows.append(
+                {
+                    "problem": pname,
+                    "method": name,
+                    "target": target,
+                    "samples": f"{hit[0]:.3g}" if hit else "not reached (ε grid)",
+                    "seconds": f"{hit[1]:.2f}" if hit else "",
+                    "per-seed samples median [min, max]": "",
+                    "slope": f"{slope:.3f}",
+                    "theory slope": "-1/3",
+                }
+            )
 
     table = (
         "Samples (sample-gradient + HVP calls × minibatch) to reach E‖∇Φ(x)‖² ≤ target "
@@ -287,7 +351,11 @@ def main() -> None:
         "ε-run whose mean meets the target; slope fitted over the ε-runs. Theory slopes: "
         "penalty -1/3 (Õ(ε^-3)), F2SA -2/7 (ε^-3.5), SOBA -2/5 (ε^-2.5), all in the squared-norm "
         "convention.\n\n"
-        "| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]) + "\n"
+        "| "
+        + " | ".join(rows[0])
+        + " |\n|"
+        + "---|" * len(rows[0])
+        + "\n"
         + "".join("| " + " | ".join(str(v) for v in r.values()) + " |\n" for r in rows)
     )
     print("\n" + table)

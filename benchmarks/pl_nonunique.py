@@ -59,8 +59,15 @@ def lower_steps(x: Tensor, y: Tensor, steps: int, lr: float) -> Tensor:
 FAILURES: dict[str, str] = {}
 
 
-def run_implicit(hypergrad: Callable[[Tensor, Tensor], Tensor], y0: Tensor, eta: float, outer: int,
-                 inner: int, lr_y: float, name: str = "") -> tuple[float, float]:
+def run_implicit(
+    hypergrad: Callable[[Tensor, Tensor], Tensor],
+    y0: Tensor,
+    eta: float,
+    outer: int,
+    inner: int,
+    lr_y: float,
+    name: str = "",
+) -> tuple[float, float]:
     """x ← x − η d(x, y), y warm-started; returns (final x, last update / η). NaN or an exception: NaN."""
     x, y = torch.zeros(1, dtype=DT), y0.clone()
     prev = x.clone()
@@ -83,12 +90,14 @@ class Lower(nn.Module):
         self.y = nn.Parameter(y0.clone())
 
 
-def run_penalty(lam: float, y0: Tensor, eta: float, outer: int, inner: int,
-                lr_y: float) -> tuple[float, float]:
+def run_penalty(
+    lam: float, y0: Tensor, eta: float, outer: int, inner: int, lr_y: float
+) -> tuple[float, float]:
     """brlhf's PenaltySolver with SGD on every variable and a fixed λ."""
     x = torch.zeros(1, dtype=DT, requires_grad=True)
     solver = PenaltySolver(
-        [x], Lower(y0),
+        [x],
+        Lower(y0),
         upper_loss=lambda low, _b: PROBLEM.f(x, low.y),
         lower_loss=lambda low, _b: PROBLEM.g(x, low.y),
         upper_optimizer=functools.partial(torch.optim.SGD, lr=eta),
@@ -104,8 +113,9 @@ def run_penalty(lam: float, y0: Tensor, eta: float, outer: int, inner: int,
     return float(x), abs(float(x) - prev) / eta
 
 
-def run_betty(kind: str, y0: Tensor, eta: float, outer: int, inner: int, lr_y: float,
-              iters: int) -> tuple[float, float]:
+def run_betty(
+    kind: str, y0: Tensor, eta: float, outer: int, inner: int, lr_y: float, iters: int
+) -> tuple[float, float]:
     """Betty 0.2.1: upper ImplicitProblem on f, lower ImplicitProblem on g with config.type = kind."""
     from betty.configs import Config, EngineConfig
     from betty.engine import Engine
@@ -122,13 +132,25 @@ def run_betty(kind: str, y0: Tensor, eta: float, outer: int, inner: int, lr_y: f
     up_mod, low_mod = nn.Module(), Lower(y0)
     up_mod.x = nn.Parameter(torch.zeros(1, dtype=DT))
     loader = [torch.zeros(1)] * 10
-    upper = Upper(name="outer", module=up_mod, optimizer=torch.optim.SGD(up_mod.parameters(), lr=eta),
-                  train_data_loader=loader, config=Config(retain_graph=True))
-    lower = Inner(name="inner", module=low_mod, optimizer=torch.optim.SGD(low_mod.parameters(), lr=lr_y),
-                  train_data_loader=loader,
-                  config=Config(type=kind, unroll_steps=inner, cg_iterations=iters, neumann_iterations=iters))
-    engine = Engine(config=EngineConfig(train_iters=outer * inner, logger_type="none"),
-                    problems=[upper, lower], dependencies={"l2u": {lower: [upper]}, "u2l": {upper: [lower]}})
+    upper = Upper(
+        name="outer",
+        module=up_mod,
+        optimizer=torch.optim.SGD(up_mod.parameters(), lr=eta),
+        train_data_loader=loader,
+        config=Config(retain_graph=True),
+    )
+    lower = Inner(
+        name="inner",
+        module=low_mod,
+        optimizer=torch.optim.SGD(low_mod.parameters(), lr=lr_y),
+        train_data_loader=loader,
+        config=Config(type=kind, unroll_steps=inner, cg_iterations=iters, neumann_iterations=iters),
+    )
+    engine = Engine(
+        config=EngineConfig(train_iters=outer * inner, logger_type="none"),
+        problems=[upper, lower],
+        dependencies={"l2u": {lower: [upper]}, "u2l": {upper: [lower]}},
+    )
     prev = float(up_mod.x.detach())
     try:
         engine.run()
@@ -139,18 +161,21 @@ def run_betty(kind: str, y0: Tensor, eta: float, outer: int, inner: int, lr_y: f
     return x, abs(x - prev) / eta
 
 
-def boat_lower_loss(feed: object, ul_model: nn.Module, ll_model: nn.Module,
-                    params: list | None = None) -> Tensor:
+def boat_lower_loss(
+    feed: object, ul_model: nn.Module, ll_model: nn.Module, params: list | None = None
+) -> Tensor:
     return PROBLEM.g(ul_model.x, params[0] if params is not None else ll_model.y)
 
 
-def boat_upper_loss(feed: object, ul_model: nn.Module, ll_model: nn.Module,
-                    params: list | None = None) -> Tensor:
+def boat_upper_loss(
+    feed: object, ul_model: nn.Module, ll_model: nn.Module, params: list | None = None
+) -> Tensor:
     return PROBLEM.f(ul_model.x, params[0] if params is not None else ll_model.y)
 
 
-def run_boat(kind: str, y0: Tensor, eta: float, outer: int, inner: int, lr_y: float,
-             iters: int) -> tuple[float, float]:
+def run_boat(
+    kind: str, y0: Tensor, eta: float, outer: int, inner: int, lr_y: float, iters: int
+) -> tuple[float, float]:
     """BOAT: ``Problem`` with gm_op NGD (K lower steps per outer step) and na_op ``kind`` (CG or NS)."""
     import tempfile
 
@@ -159,18 +184,30 @@ def run_boat(kind: str, y0: Tensor, eta: float, outer: int, inner: int, lr_y: fl
     up_mod, low_mod = nn.Module(), Lower(y0)
     up_mod.x = nn.Parameter(torch.zeros(1, dtype=DT))
     config = {
-        "fo_op": None, "gm_op": ["NGD"], "na_op": [kind], "lower_level_model": low_mod,
-        "upper_level_model": up_mod, "lower_level_var": list(low_mod.parameters()),
+        "fo_op": None,
+        "gm_op": ["NGD"],
+        "na_op": [kind],
+        "lower_level_model": low_mod,
+        "upper_level_model": up_mod,
+        "lower_level_var": list(low_mod.parameters()),
         "upper_level_var": list(up_mod.parameters()),
         "lower_level_opt": torch.optim.SGD(low_mod.parameters(), lr=lr_y),
-        "upper_level_opt": torch.optim.SGD(up_mod.parameters(), lr=eta), "lower_iters": inner,
-        "device": "cpu", "loss_log_path": os.path.join(tempfile.gettempdir(), "boat_losses.json"),
-        "accumulate_grad": False, "copy_last_param": True, "return_grad": False, "fo_ol_batch_input": False,
-        "CG": {"tolerance": 1e-10, "k": iters}, "GDA": {"alpha_init": 0.0, "alpha_decay": 1.0},
+        "upper_level_opt": torch.optim.SGD(up_mod.parameters(), lr=eta),
+        "lower_iters": inner,
+        "device": "cpu",
+        "loss_log_path": os.path.join(tempfile.gettempdir(), "boat_losses.json"),
+        "accumulate_grad": False,
+        "copy_last_param": True,
+        "return_grad": False,
+        "fo_ol_batch_input": False,
+        "CG": {"tolerance": 1e-10, "k": iters},
+        "GDA": {"alpha_init": 0.0, "alpha_decay": 1.0},
         "RGT": {"truncate_iter": 0},
     }
-    losses = {"lower_level_loss": {"function": f"{__name__}.boat_lower_loss"},
-              "upper_level_loss": {"function": f"{__name__}.boat_upper_loss"}}
+    losses = {
+        "lower_level_loss": {"function": f"{__name__}.boat_lower_loss"},
+        "upper_level_loss": {"function": f"{__name__}.boat_upper_loss"},
+    }
     prev = 0.0
     try:
         problem = boat_torch.Problem(config, losses)
@@ -207,35 +244,44 @@ def main() -> None:
     implicit: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
         f"TorchOpt CG (M={args.cg_iters})": lambda x, y: cg_hypergrad(f, g, x, y, args.cg_iters),
         f"Neumann (J={args.neumann_terms}, α=1/L)": lambda x, y: neumann_hypergrad(
-            f, g, x, y, args.neumann_terms, 1.0 / PROBLEM.L_g)[0],
+            f, g, x, y, args.neumann_terms, 1.0 / PROBLEM.L_g
+        )[0],
         f"Neumann (J={args.neumann_terms}, α=1)": lambda x, y: neumann_hypergrad(
-            f, g, x, y, args.neumann_terms, 1.0)[0],
+            f, g, x, y, args.neumann_terms, 1.0
+        )[0],
     }
     runners: dict[str, Callable[[Tensor, float], tuple[float, float]]] = {
         name: functools.partial(
             lambda y0, eta, hg, nm: run_implicit(hg, y0, eta, args.outer, args.inner, args.lr_y, nm),
-            hg=hg, nm=name)
+            hg=hg,
+            nm=name,
+        )
         for name, hg in implicit.items()
     }
     try:
         import betty  # noqa: F401
+
         for kind in ("cg", "neumann"):
             runners[f"Betty {kind} ({args.cg_iters} it.)"] = functools.partial(
                 lambda y0, eta, k: run_betty(k, y0, eta, args.outer, args.inner, args.lr_y, args.cg_iters),
-                k=kind)
+                k=kind,
+            )
     except ImportError as err:
         print(f"Betty not importable ({err}); skipped")
     try:
         import boat_torch  # noqa: F401
+
         for kind in ("CG", "NS"):
             runners[f"BOAT {kind} ({args.cg_iters} it.)"] = functools.partial(
                 lambda y0, eta, k: run_boat(k, y0, eta, args.outer, args.inner, args.lr_y, args.cg_iters),
-                k=kind)
+                k=kind,
+            )
     except ImportError as err:
         print(f"BOAT not importable ({err}); skipped")
     for lam in (10.0, 100.0, 1000.0):
         runners[f"penalty λ={lam:g}"] = functools.partial(
-            lambda y0, eta, lam: run_penalty(lam, y0, eta, args.outer, args.inner, args.lr_y), lam=lam)
+            lambda y0, eta, lam: run_penalty(lam, y0, eta, args.outer, args.inner, args.lr_y), lam=lam
+        )
 
     def init(seed: int) -> Tensor:
         return 3.0 * torch.randn(2, generator=torch.Generator().manual_seed(seed), dtype=DT)
@@ -252,11 +298,14 @@ def main() -> None:
 
     inits = [init(s) for s in range(args.inits)]
     x_star = PROBLEM.x_star()
-    print(f"PL line problem: x* = {x_star:.6f}; T={args.outer} outer steps, K={args.inner} lower steps "
-          f"(α_y={args.lr_y}), x0=0; η tuned on init seed 1000 over {grid}")
+    print(
+        f"PL line problem: x* = {x_star:.6f}; T={args.outer} outer steps, K={args.inner} lower steps "
+        f"(α_y={args.lr_y}), x0=0; η tuned on init seed 1000 over {grid}"
+    )
     print("inits y0: " + ", ".join(f"({float(y[0]):+.2f},{float(y[1]):+.2f})" for y in inits))
     header = f"{'method':<28}{'η':>6}  " + "".join(
-        f"{'x (init ' + str(i) + ')':>16}" for i in range(args.inits))
+        f"{'x (init ' + str(i) + ')':>16}" for i in range(args.inits)
+    )
     print(header + f"{'median |x-x*|':>15}{'max |x-x*|':>12}{'expected':>12}{'s/run':>8}")
     for name, run in runners.items():
         t0 = time.perf_counter()
@@ -271,8 +320,10 @@ def main() -> None:
             expected = f"{abs(PROBLEM.x_lam(float(name.split('=')[1])) - x_star):.2e}"
         cells = "".join(f"{x:>16.6f}" if math.isfinite(x) else f"{'NaN/crash':>16}" for x in xs)
         print(f"{name:<28}{etas[name]:>6g}  {cells}{med:>15.2e}{worst:>12.2e}{expected:>12}{dt:>8.2f}")
-    print("expected = |x_λ − x*| with x_λ = 2(1+2λ)/(1+3λ); "
-          "NaN/crash = non-finite x or an exception in the method")
+    print(
+        "expected = |x_λ − x*| with x_λ = 2(1+2λ)/(1+3λ); "
+        "NaN/crash = non-finite x or an exception in the method"
+    )
     for name, why in FAILURES.items():
         print(f"  {name} failed: {why}")
 

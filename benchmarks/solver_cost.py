@@ -175,7 +175,10 @@ class PenaltyMethod:
             return prob.g(self.x, low.w)
 
         self.solver = PenaltySolver(
-            [self.x], Lower(initial_lower(prob)), upper_loss=upper, lower_loss=lower,
+            [self.x],
+            Lower(initial_lower(prob)),
+            upper_loss=upper,
+            lower_loss=lower,
             upper_optimizer=functools.partial(torch.optim.SGD, lr=lr_x),
             penalised_optimizer=functools.partial(torch.optim.SGD, lr=1.0 / (prob.L + prob.L / lam)),
             pure_optimizer=functools.partial(torch.optim.SGD, lr=1.0 / prob.L),
@@ -264,16 +267,40 @@ def run_one(args: argparse.Namespace) -> None:
     if isinstance(prob, Ridge):
         method = make_method(args.method, prob, args.k, args.iters, args.lam, 0.0, Counter())
         err = rel_error(method.step(), prob.exact_hypergrad(prob.x0))
-    print(json.dumps({
-        "time": statistics.median(times[1:]), "time_spread": [min(times[1:]), max(times[1:])],
-        "mem_mb": (peak_kb - base_kb) / 1024, "grads": calls[0], "hvps": calls[1],
-        "rel_err": err,
-    }))
+    print(
+        json.dumps(
+            {
+                "time": statistics.median(times[1:]),
+                "time_spread": [min(times[1:]), max(times[1:])],
+                "mem_mb": (peak_kb - base_kb) / 1024,
+                "grads": calls[0],
+                "hvps": calls[1],
+                "rel_err": err,
+            }
+        )
+    )
 
 
 def child(method: str, dim: int, k: int, it: int, lam: float, reps: int, lower: str) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.solver_cost", "--one", method, "--dim", str(dim), "--k", str(k),
-           "--iters", str(it), "--lam", str(lam), "--reps", str(reps), "--lower", lower]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.solver_cost",
+        "--one",
+        method,
+        "--dim",
+        str(dim),
+        "--k",
+        str(k),
+        "--iters",
+        str(it),
+        "--lam",
+        str(lam),
+        "--reps",
+        str(reps),
+        "--lower",
+        lower,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -304,8 +331,9 @@ def hvp_over_grad(dim: int, reps: int = 20) -> float:
     return max(timed(hvp) - timed(grad), 0.0) / timed(grad)
 
 
-def equal_accuracy_settings(tol: float, dim: int, ratio: float, lams: list[float], ks: list[int],
-                            its: list[int]) -> dict[str, tuple[int, int, float, float, float]]:
+def equal_accuracy_settings(
+    tol: float, dim: int, ratio: float, lams: list[float], ks: list[int], its: list[int]
+) -> dict[str, tuple[int, int, float, float, float]]:
     """Cheapest (K, iters, λ) per method with cold-start relative hyper-gradient error ≤ tol at ``dim``.
 
     Cost = gradient calls + ratio · HVP calls. Returns name -> (K, iters, λ, error, cost)."""
@@ -336,8 +364,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10, help="inner steps K (equal-steps comparison)")
     parser.add_argument("--iters", type=int, default=10, help="CG iterations M and Neumann terms J")
     parser.add_argument("--lam", type=float, default=100.0, help="penalty λ (equal-steps comparison)")
-    parser.add_argument("--tol", type=float, default=1e-2,
-                        help="relative hyper-gradient error (equal accuracy)")
+    parser.add_argument(
+        "--tol", type=float, default=1e-2, help="relative hyper-gradient error (equal accuracy)"
+    )
     parser.add_argument("--reps", type=int, default=3, help="timed outer iterations after one warm-up")
     parser.add_argument("--quick", action="store_true", help="d = 1e3, 1e4 only, 2 repetitions")
     parser.add_argument("--no-mlp", action="store_true", help="skip the MLP lower level (equal inner steps)")
@@ -356,33 +385,47 @@ def main() -> None:
     labels = {"penalty": "penalty (first-order)", "cg": "TorchOpt CG", "neumann": "Neumann"}
 
     ratio = hvp_over_grad(10_000)
-    print(f"ridge lower level, p={FEATURES} features, n={N_TRAIN}; one call = one full-batch gradient or HVP "
-          f"({N_TRAIN} samples); time of an HVP (gradient with graph + double backward) at d=1e4: "
-          f"{1 + ratio:.2f} gradients, so an HVP that reuses a gradient's graph costs {ratio:.2f} more")
+    print(
+        f"ridge lower level, p={FEATURES} features, n={N_TRAIN}; one call = one full-batch gradient or HVP "
+        f"({N_TRAIN} samples); time of an HVP (gradient with graph + double backward) at d=1e4: "
+        f"{1 + ratio:.2f} gradients, so an HVP that reuses a gradient's graph costs {ratio:.2f} more"
+    )
     search_dim = min(10_000, max(dims))
-    acc = equal_accuracy_settings(args.tol, search_dim, ratio, lams=[1e2, 1e3, 1e4],
-                                  ks=[5, 10, 20, 40, 80, 160, 320], its=[5, 10, 20, 40, 80])
+    acc = equal_accuracy_settings(
+        args.tol,
+        search_dim,
+        ratio,
+        lams=[1e2, 1e3, 1e4],
+        ks=[5, 10, 20, 40, 80, 160, 320],
+        its=[5, 10, 20, 40, 80],
+    )
     equal_steps = {m: (args.k, args.iters, args.lam) for m in methods}
     settings = {
         "ridge, equal inner steps": ("ridge", equal_steps),
         f"ridge, equal accuracy (rel. err ≤ {args.tol:g})": (
-            "ridge", {m: acc[m][:3] for m in methods if m in acc}),
+            "ridge",
+            {m: acc[m][:3] for m in methods if m in acc},
+        ),
     }
     if not args.no_mlp:
         settings["MLP (tanh, 1 hidden layer), equal inner steps"] = ("mlp", equal_steps)
     for m in methods:
         if m in acc:
             k, it, lam, err, cost = acc[m]
-            print(f"  equal accuracy at d={search_dim}: {labels[m]:<22} K={k:<4} M/J={it or '-':<3} "
-                  f"λ={lam or '-':<6} "
-                  f"cold-start rel. err {err:.1e}, cost {cost:.0f} gradient-equivalents")
+            print(
+                f"  equal accuracy at d={search_dim}: {labels[m]:<22} K={k:<4} M/J={it or '-':<3} "
+                f"λ={lam or '-':<6} "
+                f"cold-start rel. err {err:.1e}, cost {cost:.0f} gradient-equivalents"
+            )
         else:
             print(f"  equal accuracy: {labels[m]} reaches no rel. err ≤ {args.tol:g} on the grid")
 
     for title, (lower, setting) in settings.items():
         print(f"\n== {title} ==")
-        print(f"{'d':>9} {'method':<22}{'K':>5}{'M/J':>5}{'λ':>7}{'grads':>7}{'HVPs':>6}{'s/iter':>10}"
-              f"{'(min-max)':>18}{'peak MB':>9}{'rel.err':>9}{'time ratio':>11}{'mem ratio':>10}")
+        print(
+            f"{'d':>9} {'method':<22}{'K':>5}{'M/J':>5}{'λ':>7}{'grads':>7}{'HVPs':>6}{'s/iter':>10}"
+            f"{'(min-max)':>18}{'peak MB':>9}{'rel.err':>9}{'time ratio':>11}{'mem ratio':>10}"
+        )
         results: dict[str, dict[int, dict]] = {m: {} for m in setting}
         for dim in dims:
             reps = args.reps if dim >= 100_000 else 3 * args.reps
@@ -396,9 +439,11 @@ def main() -> None:
                 resolved = pen is not None and min(r["mem_mb"], pen["mem_mb"]) >= 1
                 mr = f"{r['mem_mb'] / pen['mem_mb']:.2f}" if resolved else "-"
                 spread = f"({r['time_spread'][0]:.3g}-{r['time_spread'][1]:.3g})"
-                print(f"{dim:>9.0e} {labels[m]:<22}{k:>5}{it if m != 'penalty' else '-':>5}"
-                      f"{lam if m == 'penalty' else '-':>7}{r['grads']:>7.0f}{r['hvps']:>6.0f}"
-                      f"{r['time']:>10.4f}{spread:>18}{r['mem_mb']:>9.1f}{r['rel_err']:>9.1e}{tr:>11}{mr:>10}")
+                print(
+                    f"{dim:>9.0e} {labels[m]:<22}{k:>5}{it if m != 'penalty' else '-':>5}"
+                    f"{lam if m == 'penalty' else '-':>7}{r['grads']:>7.0f}{r['hvps']:>6.0f}"
+                    f"{r['time']:>10.4f}{spread:>18}{r['mem_mb']:>9.1f}{r['rel_err']:>9.1e}{tr:>11}{mr:>10}"
+                )
         print("slope of log(s/iter) vs log(d):  all d / last two d")
         for m in setting:
             ts = [results[m][d]["time"] for d in dims]
@@ -413,12 +458,16 @@ def main() -> None:
             for m in setting:
                 if m != "penalty":
                     r = results[m][top]
-                    print(f"  at d={top:.0e}: {labels[m]} / penalty: time {r['time'] / pen['time']:.2f}x, "
-                          f"peak memory {r['mem_mb']:.1f} / {pen['mem_mb']:.1f} MB")
-    print("\ntime ratio / mem ratio: method over penalty at the same d (> 1: the penalty step is cheaper; "
-          "mem ratio '-': a peak under 1 MB above the baseline, not resolved by RSS); "
-          "rel.err: cold-start hyper-gradient error against the closed form "
-          "(penalty: of its proxy gradient).")
+                    print(
+                        f"  at d={top:.0e}: {labels[m]} / penalty: time {r['time'] / pen['time']:.2f}x, "
+                        f"peak memory {r['mem_mb']:.1f} / {pen['mem_mb']:.1f} MB"
+                    )
+    print(
+        "\ntime ratio / mem ratio: method over penalty at the same d (> 1: the penalty step is cheaper; "
+        "mem ratio '-': a peak under 1 MB above the baseline, not resolved by RSS); "
+        "rel.err: cold-start hyper-gradient error against the closed form "
+        "(penalty: of its proxy gradient)."
+    )
 
 
 if __name__ == "__main__":
