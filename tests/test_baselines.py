@@ -67,8 +67,8 @@ def test_soba_counts_two_gradients_and_one_hvp_per_step() -> None:
 
 
 def test_closed_forms_agree_with_brlhf_problems() -> None:
-    problems = pytest.importorskip("brlhf.problems")
     from benchmarks.problems import PLLine
+    from brlhf import problems
 
     for lam in (1.0, 10.0, 1000.0):
         assert PLLine.x_lam(lam) == pytest.approx(problems.PLLineProblem.x_lam(lam))
