@@ -297,3 +297,20 @@ def test_lower_loss_without_graph_is_refused():
     )
     with pytest.raises(BilevelLossError, match="pure copy z does not depend on its parameters"):
         solver.step()
+
+
+def test_a_lagging_pure_copy_is_reported():
+    """z frozen (learning rate 0) while y and x move: g(x, y) < g(x, z) persistently, and the solver
+    says so once; a healthy run says nothing."""
+    import warnings
+
+    for pure_lr, expect_warning in [(0.0, True), (0.05, False)]:
+        solver, _ = make_solver(noise=0.0, gap_patience=20)
+        for group in solver.pure_optimizer.param_groups:
+            group["lr"] = pure_lr
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(60):
+                solver.step()
+        lagging = [w for w in caught if "not tracking the lower-level optimum" in str(w.message)]
+        assert len(lagging) == (1 if expect_warning else 0)

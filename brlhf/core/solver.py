@@ -23,6 +23,7 @@ language models or simulators: the problem is given as stochastic loss closures.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +60,9 @@ class PenaltyConfig:
             same random stream, so that their O(1/λ) difference is not drowned by O(1) noise.
         max_grad_norm: clip each variable's gradient to this norm (None: no clipping).
         check_finite: raise as soon as a closure returns NaN or inf (one device sync per call).
+        gap_patience: warn (once) when a running mean of the value gap ``g(x, y) - g(x, z)`` has stayed
+            negative for this many upper steps: ``z`` is then not tracking ``argmin g(x, ·)`` and the
+            penalty term pushes ``x`` the wrong way (None: never warn).
     """
 
     lam: float = 10.0
@@ -69,6 +73,7 @@ class PenaltyConfig:
     common_random_numbers: bool = True
     max_grad_norm: float | None = None
     check_finite: bool = True
+    gap_patience: int | None = 50
 
     def __post_init__(self) -> None:
         self.schedule = LambdaSchedule(self.lam, self.lam_power, self.lam_max)
@@ -196,6 +201,7 @@ class PenaltySolver:
         self.pure_optimizer = _make_optimizer(pure_optimizer, self.pure_params)
         self.outer_step = 0
         self.inner_step_count = 0
+        self._gap_mean, self._gap_var, self._negative_gap_steps = 0.0, 0.0, 0
 
     # ------------------------------------------------------------------ checks
     def _check_shapes(self) -> None:
@@ -303,8 +309,34 @@ class PenaltySolver:
             with torch.no_grad():
                 self.project_upper(self.upper_params)
         self.outer_step += 1
-        values = torch.stack([f.detach(), value_gap.detach(), grad_norm.to(f.device)]).tolist()
+        values = torch.stack(
+            [f.detach(), value_gap.detach(), grad_norm.to(f.device), g_pure.detach()]
+        ).tolist()
+        self._watch_value_gap(values[1], values[3])
         return {"upper_loss": values[0], "value_gap": values[1], "proxy_grad_norm": values[2], "lam": lam}
+
+    def _watch_value_gap(self, gap: float, scale: float) -> None:
+        """The gap is ≥ 0 when ``z`` minimises ``g(x, ·)``. Its running mean ``m`` and variance ``v``
+        (weight 0.1) flag a lag of ``z`` when ``m`` stays more than 3 standard errors below 0 (and below
+        round-off, relative to ``|g|``) for ``gap_patience`` upper steps; noise alone does not."""
+        if self.outer_step == 1:
+            self._gap_mean, self._gap_var = gap, 0.0
+        else:
+            delta = gap - self._gap_mean
+            self._gap_mean += 0.1 * delta
+            self._gap_var = 0.9 * (self._gap_var + 0.1 * delta * delta)
+        stderr = (self._gap_var * 0.1 / 1.9) ** 0.5
+        lagging = self._gap_mean < -3 * stderr and self._gap_mean < -1e-6 * (1 + abs(scale))
+        self._negative_gap_steps = self._negative_gap_steps + 1 if lagging else 0
+        if self._negative_gap_steps == self.config.gap_patience:
+            warnings.warn(
+                f"the value gap g(x, y) - g(x, z) has averaged {self._gap_mean:.3g} < 0 (standard error "
+                f"{stderr:.2g}) over the last {self._negative_gap_steps} upper steps (outer step "
+                f"{self.outer_step}): the pure copy z is not tracking the lower-level optimum, so the "
+                "penalty term moves x the wrong way. Raise inner_steps or z's learning rate, or lower x's "
+                "learning rate.",
+                stacklevel=3,
+            )
 
     def step(self) -> dict[str, float]:
         """One outer iteration of Algorithm 1: ``K`` inner steps on both copies, then the upper step."""
