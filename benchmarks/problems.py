@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from brlhf.problems import NonconvexPLProblem, PLLineProblem
+
 Noise = dict[str, Tensor]
 
 
@@ -161,10 +163,12 @@ class NonconvexPL:
         return val
 
     def grad_phi(self, x: Tensor) -> Tensor:
-        return 2.0 * x - 1.0
+        return NonconvexPLProblem.hyper_gradient(
+            x
+        )  # separable: the one-dimensional closed form per coordinate
 
     def x_star(self) -> Tensor:
-        return torch.full((self.dim,), 0.5, dtype=torch.float64)
+        return torch.full((self.dim,), NonconvexPLProblem.x_star, dtype=torch.float64)
 
 
 @dataclass
@@ -189,8 +193,6 @@ class PLLine:
 
     @staticmethod
     def x_star() -> float:
-        return 4.0 / 3.0
+        return PLLineProblem.x_star
 
-    @staticmethod
-    def x_lam(lam: float) -> float:
-        return 2.0 * (1.0 + 2.0 * lam) / (1.0 + 3.0 * lam)
+    x_lam = staticmethod(PLLineProblem.x_lam)

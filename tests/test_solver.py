@@ -57,22 +57,20 @@ def test_each_step_moves_only_its_own_variables():
     solver.inner_step()
     middle = snapshot(solver)
     assert changed(before, middle) == {"y", "z"}
+    assert all(p.grad is None for p in solver.upper_params)  # the inner step wrote no gradient into x
+    lower_grads = [p.grad.clone() for p in solver.penalised_params + solver.pure_params]
     solver.upper_step()
     assert changed(middle, snapshot(solver)) == {"x"}
-    assert all(p.grad is None or torch.equal(p.grad, p.grad) for p in solver.upper_params)
+    # ... and the upper step none into y or z
+    assert all(
+        torch.equal(p.grad, g) for p, g in zip(solver.penalised_params + solver.pure_params, lower_grads)
+    )
 
 
 def test_the_lower_module_is_copied_not_trained():
     lower = Vector(torch.zeros(4))
     solver, _ = make_solver()
-    solver2 = PenaltySolver(
-        solver.upper_params,
-        lower,
-        upper_loss=solver.upper_loss,
-        lower_loss=solver.lower_loss,
-        upper_optimizer=SGD,
-        lower_optimizer=SGD,
-    )
+    solver2 = sgd_solver(solver.upper_params, solver.upper_loss, solver.lower_loss, lower=lower)
     solver2.step()
     assert torch.equal(lower.w, torch.zeros(4))
     assert solver2.penalised is not lower and solver2.pure is not lower
@@ -175,6 +173,20 @@ def quadratic_closures():
     return x, (lambda w, _: w().square().sum() + x.sum()), (lambda w, _: (w() - x).square().sum())
 
 
+def sgd_solver(upper, upper_loss, lower_loss, lower="default", **kwargs) -> PenaltySolver:
+    """A plain-SGD solver on a 2-vector lower variable (``lower=None`` with explicit copies in kwargs)."""
+    lower = Vector(torch.zeros(2)) if lower == "default" else lower
+    return PenaltySolver(
+        upper,
+        lower,
+        upper_loss=upper_loss,
+        lower_loss=lower_loss,
+        upper_optimizer=SGD,
+        lower_optimizer=SGD,
+        **kwargs,
+    )
+
+
 @pytest.mark.parametrize("lam", [0.0, -1.0])
 def test_non_positive_lambda_is_refused(lam):
     with pytest.raises(ValueError, match="λ must be positive"):
@@ -202,8 +214,7 @@ def test_bad_config_values_are_refused():
 )
 def test_bad_closure_output_names_the_closure_and_step(which, bad, message):
     x, f, g = quadratic_closures()
-    kwargs = {"upper_loss": bad if which == "upper" else f, "lower_loss": bad if which == "lower" else g}
-    solver = PenaltySolver([x], Vector(torch.zeros(2)), upper_optimizer=SGD, lower_optimizer=SGD, **kwargs)
+    solver = sgd_solver([x], bad if which == "upper" else f, bad if which == "lower" else g)
     with pytest.raises(BilevelLossError, match=message):
         solver.step()
 
@@ -216,14 +227,7 @@ def test_nan_appearing_later_is_reported_with_its_step():
         calls["n"] += 1
         return f(w, batch) * (float("inf") if calls["n"] > 4 else 1.0)
 
-    solver = PenaltySolver(
-        [x],
-        Vector(torch.zeros(2)),
-        upper_loss=flaky_upper,
-        lower_loss=g,
-        upper_optimizer=SGD,
-        lower_optimizer=SGD,
-    )
+    solver = sgd_solver([x], flaky_upper, g)
     message = r"upper loss f returned -?inf at outer step 2 \(inner step 2\), penalised copy y"
     with pytest.raises(BilevelLossError, match=message):
         for _ in range(5):
@@ -232,69 +236,30 @@ def test_nan_appearing_later_is_reported_with_its_step():
 
 def test_parameters_without_gradients_are_refused():
     x, f, g = quadratic_closures()
-    frozen = torch.zeros(2)
     with pytest.raises(
         ValueError, match=r"upper variable x\[0\] \(shape \(2,\)\) does not require gradients"
     ):
-        PenaltySolver(
-            [frozen],
-            Vector(torch.zeros(2)),
-            upper_loss=f,
-            lower_loss=g,
-            upper_optimizer=SGD,
-            lower_optimizer=SGD,
-        )
-    lower = nn.Linear(2, 1).requires_grad_(False)
+        sgd_solver([torch.zeros(2)], f, g)
     with pytest.raises(ValueError, match="penalised lower copy y has no parameter that requires gradients"):
-        PenaltySolver([x], lower, upper_loss=f, lower_loss=g, upper_optimizer=SGD, lower_optimizer=SGD)
+        sgd_solver([x], f, g, lower=nn.Linear(2, 1).requires_grad_(False))
 
 
 def test_mismatched_copies_are_refused():
     x, f, g = quadratic_closures()
     with pytest.raises(ValueError, match=r"mismatched shapes at tensor 0: \(2,\) vs \(3,\)"):
-        PenaltySolver(
-            [x],
-            penalised=Vector(torch.zeros(2)),
-            pure=Vector(torch.zeros(3)),
-            upper_loss=f,
-            lower_loss=g,
-            upper_optimizer=SGD,
-            lower_optimizer=SGD,
-        )
+        sgd_solver([x], f, g, lower=None, penalised=Vector(torch.zeros(2)), pure=Vector(torch.zeros(3)))
     shared = Vector(torch.zeros(2))
     with pytest.raises(ValueError, match="share tensor 0"):
-        PenaltySolver(
-            [x],
-            penalised=shared,
-            pure=shared,
-            upper_loss=f,
-            lower_loss=g,
-            upper_optimizer=SGD,
-            lower_optimizer=SGD,
-        )
+        sgd_solver([x], f, g, lower=None, penalised=shared, pure=shared)
     with pytest.raises(ValueError, match="either `lower`"):
-        PenaltySolver([x], upper_loss=f, lower_loss=g, upper_optimizer=SGD, lower_optimizer=SGD)
+        sgd_solver([x], f, g, lower=None)
     with pytest.raises(TypeError, match="upper_loss must be callable"):
-        PenaltySolver(
-            [x],
-            Vector(torch.zeros(2)),
-            upper_loss=None,
-            lower_loss=g,
-            upper_optimizer=SGD,
-            lower_optimizer=SGD,
-        )
+        sgd_solver([x], None, g)
 
 
 def test_lower_loss_without_graph_is_refused():
     x, f, _ = quadratic_closures()
-    solver = PenaltySolver(
-        [x],
-        Vector(torch.zeros(2)),
-        upper_loss=f,
-        lower_loss=lambda w, _: x.sum().detach(),
-        upper_optimizer=SGD,
-        lower_optimizer=SGD,
-    )
+    solver = sgd_solver([x], f, lambda w, _: x.sum().detach())
     with pytest.raises(BilevelLossError, match="pure copy z does not depend on its parameters"):
         solver.step()
 

@@ -201,6 +201,7 @@ class PenaltySolver:
         self.pure_optimizer = _make_optimizer(pure_optimizer, self.pure_params)
         self.outer_step = 0
         self.inner_step_count = 0
+        self.stage: str | None = None  # "inner" / "upper" while that step runs: for closures that differ
         self._gap_mean, self._gap_var, self._negative_gap_steps = 0.0, 0.0, 0
 
     # ------------------------------------------------------------------ checks
@@ -263,6 +264,7 @@ class PenaltySolver:
 
     def inner_step(self) -> dict[str, float]:
         """One step of each lower copy: ``z`` on ``g``; ``y`` on ``g + f/λ`` (same batch and randomness)."""
+        self.stage = "inner"
         lam, where = self.lam, self._where(f"inner step {self.inner_step_count}")
         batch = self.lower_batches() if self.lower_batches is not None else None
         rng = get_rng_state() if self.config.common_random_numbers else None
@@ -288,6 +290,7 @@ class PenaltySolver:
 
     def upper_step(self) -> dict[str, float]:
         """``x ← x - η [∇_x f(x, y) + λ (∇_x g(x, y) - ∇_x g(x, z))]``; returns the diagnostics."""
+        self.stage = "upper"
         lam, where = self.lam, self._where("upper step")
         batch = self.lower_batches() if self.lower_batches is not None else None
         rng = get_rng_state() if self.config.common_random_numbers else None

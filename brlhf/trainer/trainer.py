@@ -179,7 +179,6 @@ class BilevelRLHFTrainer(Trainer):
         self.offline_generator = torch.Generator().manual_seed(args.seed + 1000 + self.rank)
         self.labels_used = 0
         self.solver = self._build_solver()
-        self._phase, self._inner_tag = "inner", 0
         self._rollouts: dict[str, Rollout] = {}
         self._pairs: LabelledPairs | None = None
         self._pairs_step = -1
@@ -342,7 +341,7 @@ class BilevelRLHFTrainer(Trainer):
     # ------------------------------------------------------------------ batches
     def _prompt_batch(self) -> list[Any] | None:
         """``per_device_train_batch_size`` prompts, uniformly with replacement (per-process stream)."""
-        if self._phase == "upper" and not self.args.fresh_rollouts_for_upper:
+        if self.solver.stage == "upper" and not self.args.fresh_rollouts_for_upper:
             return None
         idx = torch.randint(
             len(self._prompts), (self.args.per_device_train_batch_size,), generator=self.prompt_generator
@@ -454,7 +453,7 @@ class BilevelRLHFTrainer(Trainer):
             logprobs,
             ref_logprobs,
             rewards,
-            tag=self._inner_tag,
+            tag=self.solver.inner_step_count,
         )
 
     def reward(
@@ -535,7 +534,7 @@ class BilevelRLHFTrainer(Trainer):
         """``log π_y(chosen) + log π_y(rejected)`` under the current ``y`` (reusing the rollout's graph)."""
         r = pairs.rollout
         rows = torch.cat([pairs.chosen, pairs.rejected])
-        if r.tag == self._inner_tag and r.logprobs.requires_grad:
+        if r.tag == self.solver.inner_step_count and r.logprobs.requires_grad:
             logprobs = r.logprobs[rows]
         else:
             with self.policies.active("y") as model:
@@ -557,7 +556,7 @@ class BilevelRLHFTrainer(Trainer):
         y-gradient (inner step):   mean_i (ℓ_i - b_i) ∇_y log π_y(chosen_i, rejected_i)
         """
         pairs, offline = batch
-        upper = self._phase == "upper"
+        upper = self.solver.stage == "upper"
         loss = torch.zeros((), device=self.args.device)
         if pairs is not None:
             r = pairs.rollout
@@ -598,7 +597,6 @@ class BilevelRLHFTrainer(Trainer):
             return
         if not self._preferences:
             raise ValueError("reward_warmup_steps > 0 needs a preference_dataset")
-        self._phase = "upper"
         for _ in range(steps):
             offline = self._offline_batch()
             scores = self.reward(
@@ -614,12 +612,7 @@ class BilevelRLHFTrainer(Trainer):
         """One iteration of Algorithm 1 (K inner steps of y and z, then the reward-model step)."""
         self._stats = {}
         t0 = time.perf_counter()
-        for _ in range(self.args.inner_steps):
-            self._phase = "inner"
-            stats = self.solver.inner_step()
-            self._inner_tag += 1
-        self._phase = "upper"
-        stats.update(self.solver.upper_step())
+        stats = self.solver.step()
         self._stats["time/step"] = time.perf_counter() - t0
         rollout_time = self._stats.get("time/generation", 0.0) + self._stats.get("time/forward", 0.0)
         self._stats["time/update"] = self._stats["time/step"] - rollout_time  # backward + optimiser steps
@@ -750,7 +743,6 @@ class BilevelRLHFTrainer(Trainer):
         return {
             "solver": state,
             "labels_used": self.labels_used,
-            "inner_tag": self._inner_tag,
             "judge_stats": dict(self.judge.stats) if self.judge else None,
         }
 
@@ -816,7 +808,7 @@ class BilevelRLHFTrainer(Trainer):
             )
             state["solver"].update(shards)
         self.solver.load_state_dict({**state["solver"], "rng": None}, restore_rng=False)
-        self.labels_used, self._inner_tag = state["labels_used"], state["inner_tag"]
+        self.labels_used = state["labels_used"]
         if self.judge is not None and state["judge_stats"]:
             self.judge.stats.update(state["judge_stats"])
         rng = torch.load(os.path.join(path, f"rng_state_{self.rank}.pt"), weights_only=False)

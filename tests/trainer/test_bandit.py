@@ -42,7 +42,7 @@ class BanditTrainer(BilevelRLHFTrainer):
             return torch.softmax(model(input_ids=ids, attention_mask=mask).logits[0, -1].float(), -1)
 
     def _upper_loss(self, view, batch):
-        with torch.set_grad_enabled(self._phase == "inner"):
+        with torch.set_grad_enabled(self.solver.stage == "inner"):
             log_pi = torch.log(self.policy_probs("y"))
         return -(self.target * log_pi).sum()
 
