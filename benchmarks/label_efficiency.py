@@ -13,12 +13,14 @@ layers plus, by default, a trained copy of the LM head: ``--no-train_head`` leav
 then no method, not even RLOO on the gold score, moves the tiny random model much in this many updates),
 β, sampling temperature, completion length and number of policy updates (``budget / labels_per_step``):
 
-* ``brlhf``: ``BilevelRLHFTrainer`` (Algorithm 1), labels on pairs of y's own samples, every label
-  replayed in later reward steps (``label_replay``; ``RewardTrainer`` too sees each label once per epoch).
-* ``brlhf_no_replay``, ``brlhf_lam10``, ``brlhf_lam_schedule``, ``brlhf_K4``, ``brlhf_eta_small``: the
-  remedies of issue 5 (no replay: the trainer's default; λ = 10; λ_t = (1 + t)^0.5 up to 10; K = 4 inner
-  steps with 4x the labels per outer step, so the same policy updates per label; a reward step size
-  η = 1e-4, 30x below the policies', so that z and y track their argmins: two time scales).
+* ``brlhf``: ``BilevelRLHFTrainer`` (Algorithm 1) with λ = 10 and ``keep_better_pure`` (when a reward
+  step measures ``g(x, y) < g(x, z)``, z lags behind y at its own objective: that step's penalty term is
+  skipped and z ← y), labels on pairs of y's own samples, every label replayed in later reward steps
+  (``label_replay``; ``RewardTrainer`` too sees each label once per epoch).
+* ``brlhf_lam1``: the same with λ = 1. ``brlhf_unguarded_lam1``, ``brlhf_unguarded_lam10``,
+  ``brlhf_unguarded_eta_small``: plain Algorithm 1 without the guard (λ = 1, λ = 10, and λ = 1 with a
+  reward step size η = 1e-4, 30x below the policies': two time scales). Without the guard a lagging z
+  lets the reward step drive the value gap far below zero (r_x learns to tell y's samples from z's).
 * ``brlhf_no_penalty``: ``penalised_upper_grad=False``. Then y ≡ z exactly (common random numbers), the
   value-gap term vanishes and the reward step is the plain Bradley-Terry fit on online labels of the
   policy's own samples, the policy trained on the current reward model: the issue's "λ = 0".
@@ -61,22 +63,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 PROMPTS = os.path.join(REPO, "recipes", "data", "prompts.jsonl")
 BRLHF_VARIANTS: dict[str, dict[str, Any]] = {  # overrides of the brlhf options; remedies of issue 5
-    "brlhf": {},
-    "brlhf_no_replay": {"label_replay": False},
-    "brlhf_lam10": {"lam": 10.0},
-    "brlhf_lam_schedule": {"lam_power": 0.5, "lam_max": 10.0},
-    "brlhf_K4": {"inner_steps": 4},  # K x labels_per_step labels per outer step: same updates per label
-    "brlhf_eta_small": {"reward_learning_rate": 1e-4},  # two time scales: η = α / 30
+    "brlhf": {"lam": 10.0, "keep_better_pure": True},
+    "brlhf_lam1": {"lam": 1.0, "keep_better_pure": True},
+    "brlhf_unguarded_lam1": {"lam": 1.0, "keep_better_pure": False},
+    "brlhf_unguarded_lam10": {"lam": 10.0, "keep_better_pure": False},
+    "brlhf_unguarded_eta_small": {"lam": 1.0, "keep_better_pure": False, "reward_learning_rate": 1e-4},
     "brlhf_no_penalty": {"penalised_upper_grad": False},
 }
 METHODS = (*BRLHF_VARIANTS, "rm_then_rloo", "online_dpo", "gold_rloo")
 LABELS = {
-    "brlhf": "brlhf (BilevelRLHFTrainer)",
-    "brlhf_no_replay": "brlhf, no label replay",
-    "brlhf_lam10": "brlhf, λ = 10",
-    "brlhf_lam_schedule": "brlhf, λ_t = (1+t)^0.5 ≤ 10",
-    "brlhf_K4": "brlhf, K = 4 (4x labels per outer step)",
-    "brlhf_eta_small": "brlhf, reward lr η = 1e-4",
+    "brlhf": "brlhf (BilevelRLHFTrainer, λ = 10)",
+    "brlhf_lam1": "brlhf, λ = 1",
+    "brlhf_unguarded_lam1": "brlhf, λ = 1, no z ← y guard",
+    "brlhf_unguarded_lam10": "brlhf, λ = 10, no z ← y guard",
+    "brlhf_unguarded_eta_small": "brlhf, λ = 1, no guard, reward lr 1e-4",
     "brlhf_no_penalty": "brlhf, penalty off (λ = 0)",
     "rm_then_rloo": "RewardTrainer + RLOOTrainer",
     "online_dpo": "OnlineDPOTrainer + judge",
@@ -219,6 +219,17 @@ def _token_counter(key_lengths: list[str], completions_per_step: int) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- one run
+def _parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` (value read as JSON when it parses, else as a string) for ``--brlhf_set``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--brlhf_set expects key=value, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def run_one(method: str, seed: int, opts: argparse.Namespace) -> dict[str, Any]:
     """One (method, seed): train, measure the curve, return it with the labels and tokens used."""
     import torch
@@ -276,6 +287,7 @@ def run_one(method: str, seed: int, opts: argparse.Namespace) -> dict[str, Any]:
             "penalised_upper_grad": True,
             "reward_learning_rate": opts.reward_lr,
             **BRLHF_VARIANTS[method],
+            **dict(_parse_override(kv) for kv in opts.brlhf_set),
         }
         knobs["labels_per_step"] = per_step * knobs["inner_steps"]
         args = BilevelRLHFConfig(
@@ -653,7 +665,7 @@ def plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.2))
     titles = {"gold": "gold reward", "win_rate": "win rate vs reference (gold judge)", "kl": "KL(π || π_ref)"}
     for ax, key in zip(axes, titles):
         for method, rows in agg.items():
@@ -667,6 +679,12 @@ def plot(
             )
         ax.set_xlabel("judge labels used")
         ax.set_title(titles[key])
+    for method, rows in agg.items():  # the KL-matched view: every curve point, mean over seeds
+        xs = sorted(rows)
+        style = "o--" if method == "rm_then_rloo" else "o-"
+        axes[3].plot([rows[n]["kl"][0] for n in xs], [rows[n]["gold"][0] for n in xs], style, ms=3)
+    axes[3].set_xlabel("KL(π || π_ref)")
+    axes[3].set_title("gold reward against KL (points every --eval_every labels)")
     ceiling = [r for r in results if r["method"] == "gold_rloo"]
     if ceiling:
         gold = _mean_std([r["points"][-1]["gold"] for r in ceiling])[0]
@@ -693,7 +711,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy_lr", type=float, default=3e-3)
     p.add_argument("--reward_lr", type=float, default=1e-3)
     p.add_argument("--beta", type=float, default=0.05)
-    p.add_argument("--lam", type=float, default=1.0)
+    p.add_argument("--lam", type=float, default=10.0, help="λ of brlhf variants that do not set it")
     p.add_argument("--lam_power", type=float, default=0.0)
     p.add_argument("--inner_steps", type=int, default=1)
     p.add_argument(
@@ -702,6 +720,13 @@ def make_parser() -> argparse.ArgumentParser:
         default=True,
         help="brlhf: replay every online label in later reward steps (RewardTrainer too sees each label "
         "several times, once per epoch)",
+    )
+    p.add_argument(
+        "--brlhf_set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="BilevelRLHFConfig fields for every brlhf method, after its variant's (e.g. lam=3)",
     )
     p.add_argument("--replay_batch_size", type=int, default=16, help="replayed pairs per reward step")
     p.add_argument("--rm_fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0])

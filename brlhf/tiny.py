@@ -6,6 +6,7 @@ parameter Llama policy and a one-output Llama sequence classifier for the reward
 
 from __future__ import annotations
 
+import contextlib
 import string
 from collections.abc import Iterable
 
@@ -80,9 +81,16 @@ def build_tiny_policy(
 def build_tiny_reward_model(
     tokenizer: PreTrainedTokenizerFast, hidden: int = 64, layers: int = 2, seed: int = 0
 ) -> LlamaForSequenceClassification:
-    """A randomly initialised Llama sequence classifier with one output (a reward model)."""
+    """A randomly initialised Llama sequence classifier with one output (a reward model). An ordinary model
+    even under a DeepSpeed ZeRO-3 config, where transformers would build its inner model under zero.Init
+    (partitioned) and then fail to initialise it."""
+    try:
+        from transformers.modeling_utils import set_zero3_state  # marks zero.Init as entered: skipped
+    except ImportError:
+        set_zero3_state = contextlib.nullcontext
     torch.manual_seed(seed)
-    return LlamaForSequenceClassification(_config(tokenizer, hidden, layers, num_labels=1))
+    with set_zero3_state():
+        return LlamaForSequenceClassification(_config(tokenizer, hidden, layers, num_labels=1))
 
 
 def tiny_lora_config(r: int = 16, head: bool = True):

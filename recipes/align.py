@@ -20,6 +20,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from datasets import Dataset, load_dataset
@@ -62,6 +63,13 @@ class ScriptArguments:
     dataset_split: str = field(default="train", metadata={"help": "Split of the prompt dataset."})
     reward_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Reward model to start from (None: a new head on the policy's base)."}
+    )
+    reward_lora_r: int = field(
+        default=0,
+        metadata={
+            "help": "> 0: train the reward model as a LoRA adapter of this rank (alpha = 2r, the policy's "
+            "lora_target_modules or all linear layers) plus its score head; 0: train it in full."
+        },
     )
     gold_rule: str = field(
         default="spaces", metadata={"help": f"Rule-based gold judge: {sorted(GOLD_RULES)}."}
@@ -129,6 +137,21 @@ def offline_preferences(
                     chosen, rejected = ([{"role": "assistant", "content": t}] for t in (chosen, rejected))
                 chosen_rows.append({"prompt": batch[j], "chosen": chosen, "rejected": rejected})
     return Dataset.from_list(chosen_rows)
+
+
+def reward_lora_config(script_args: ScriptArguments, model_args: ModelConfig) -> Any:
+    """The reward model's LoRA config (``reward_lora_r > 0``), or None: the full reward model is trained."""
+    if script_args.reward_lora_r <= 0:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=script_args.reward_lora_r,
+        lora_alpha=2 * script_args.reward_lora_r,
+        lora_dropout=0.0,
+        target_modules=model_args.lora_target_modules or "all-linear",
+        task_type="SEQ_CLS",  # peft then trains the score head too (modules_to_save)
+    )
 
 
 def plot(history: list[dict], curve: list[tuple[int, float, float]], before: dict, path: str) -> None:
@@ -210,6 +233,7 @@ def main(script_args: ScriptArguments, args: BilevelRLHFConfig, model_args: Mode
         preference_dataset=preferences,
         processing_class=tokenizer,
         peft_config=peft_config,
+        reward_peft_config=reward_lora_config(script_args, model_args),
     )
     curve = GoldCurve(trainer, prompts, gold, script_args.eval_every, script_args.eval_samples)
     trainer.add_callback(curve)

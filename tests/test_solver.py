@@ -279,3 +279,67 @@ def test_a_lagging_pure_copy_is_reported():
                 solver.step()
         lagging = [w for w in caught if "not tracking the lower-level optimum" in str(w.message)]
         assert len(lagging) == (1 if expect_warning else 0)
+
+
+def _scalar_quadratic_solver(pure_lr: float, keep_better_pure: bool, x0: float = 0.0) -> PenaltySolver:
+    """x* = 1/2, x_λ = λ/(1 + 2λ) (ALGORITHM.md §7); z's learning rate set apart to make it lag."""
+    problem = QuadraticProblem.scalar()
+    x, lower = problem.init()
+    with torch.no_grad():
+        x.fill_(x0)
+    upper_loss, lower_loss = problem.closures(x)
+    return PenaltySolver(
+        [x],
+        lower,
+        upper_loss=upper_loss,
+        lower_loss=lower_loss,
+        upper_optimizer=functools.partial(torch.optim.SGD, lr=0.05),
+        penalised_optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+        pure_optimizer=functools.partial(torch.optim.SGD, lr=pure_lr),
+        config=PenaltyConfig(lam=10.0, inner_steps=5, keep_better_pure=keep_better_pure, gap_patience=None),
+        upper_batches=problem.upper_batch,
+        lower_batches=problem.lower_batch,
+    )
+
+
+def test_keep_better_pure_restarts_z_from_y_and_steps_x_on_f_alone():
+    """At x = 1 with z frozen at 0, y moves towards argmin g = 1 and beats z at g: the upper step then
+    uses ∇_x f only (x ← x - η ρ x with f = ½(y - 1)² + ½x²) and copies y into z."""
+    solver = _scalar_quadratic_solver(pure_lr=0.0, keep_better_pure=True, x0=1.0)
+    for _ in range(solver.config.inner_steps):
+        solver.inner_step()
+    y, z = solver.penalised.w.item(), solver.pure.w.item()
+    assert z == 0.0 and 0.5 * y * y - y < 0.5 * z * z - z  # g(1, y) = ½y² - y: y beats z at g
+    stats = solver.upper_step()
+    assert stats["value_gap"] < 0
+    assert solver.upper_params[0].item() == pytest.approx(1.0 - 0.05 * 1.0, abs=1e-7)
+    assert solver.pure.w.item() == solver.penalised.w.item() and stats["pure_restarts"] == 1
+
+
+def test_keep_better_pure_keeps_a_lagging_z_from_blowing_up_x():
+    """Plain Algorithm 1 with a z that cannot follow (frozen) drives the value gap, then x, to infinity;
+    with keep_better_pure x stays bounded; with a z that does follow the guard changes nothing: x_λ."""
+    unguarded = _scalar_quadratic_solver(pure_lr=0.0, keep_better_pure=False)
+    with pytest.raises(BilevelLossError, match="inf|nan"):
+        for _ in range(1000):
+            unguarded.step()
+    guarded = _scalar_quadratic_solver(pure_lr=0.0, keep_better_pure=True)
+    for _ in range(1000):
+        guarded.step()
+    assert abs(guarded.upper_params[0].item()) < 1.0 and guarded.pure_restarts > 0
+    healthy = _scalar_quadratic_solver(pure_lr=0.1, keep_better_pure=True)
+    for _ in range(3000):
+        healthy.step()
+    assert healthy.upper_params[0].item() == pytest.approx(10 / 21, abs=1e-5)
+    assert healthy.pure_restarts <= 1
+
+
+def test_keep_better_pure_copies_whole_module_state_and_survives_resume():
+    solver, _ = make_solver(keep_better_pure=True)
+    solver.copy_penalised_to_pure()
+    assert all(torch.equal(a, b) for a, b in zip(solver.penalised_params, solver.pure_params))
+    assert solver.pure_params[0] is not solver.penalised_params[0]
+    solver.pure_restarts = 3
+    other, _ = make_solver(keep_better_pure=True)
+    other.load_state_dict(solver.state_dict())
+    assert other.pure_restarts == 3

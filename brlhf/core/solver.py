@@ -63,6 +63,12 @@ class PenaltyConfig:
         gap_patience: warn (once) when a running mean of the value gap ``g(x, y) - g(x, z)`` has stayed
             negative for this many upper steps: ``z`` is then not tracking ``argmin g(x, ·)`` and the
             penalty term pushes ``x`` the wrong way (None: never warn).
+        keep_better_pure: ``z`` stands for ``argmin g(x, ·)``, so ``min_w g(x, w) ≤ min(g(x, y), g(x, z))``.
+            When an upper step measures ``g(x, y) < g(x, z)`` (``y`` minimises ``g`` better than ``z``),
+            use the tighter estimate ``g(x, y)`` of ``min_w g``: that step's penalty term is zero (``x``
+            moves on ``∇_x f`` alone) and ``z ← y`` (its optimiser state is kept). Without it a lagging
+            ``z`` lets ``x`` drive the gap below zero without bound: ``r_x`` learns to tell ``y``'s samples
+            from ``z``'s instead of fitting ``f``.
     """
 
     lam: float = 10.0
@@ -74,6 +80,7 @@ class PenaltyConfig:
     max_grad_norm: float | None = None
     check_finite: bool = True
     gap_patience: int | None = 50
+    keep_better_pure: bool = False
 
     def __post_init__(self) -> None:
         self.schedule = LambdaSchedule(self.lam, self.lam_power, self.lam_max)
@@ -203,6 +210,7 @@ class PenaltySolver:
         self.inner_step_count = 0
         self.stage: str | None = None  # "inner" / "upper" while that step runs: for closures that differ
         self._gap_mean, self._gap_var, self._negative_gap_steps = 0.0, 0.0, 0
+        self.pure_restarts = 0
 
     # ------------------------------------------------------------------ checks
     def _check_shapes(self) -> None:
@@ -304,19 +312,42 @@ class PenaltySolver:
         f = self._checked(self.upper_loss(self.penalised, upper_batch), "upper loss f", where)
 
         value_gap = g_penalised - g_pure
-        proxy_loss = f + lam * value_gap
+        restart_pure = self.config.keep_better_pure and value_gap.item() < 0
+        proxy_loss = f + lam * value_gap * (0.0 if restart_pure else 1.0)
         grad_norm = self._descend(
             proxy_loss, self.upper_params, self.upper_optimizer, "the upper variable x", norm=True
         )
         if self.project_upper is not None:
             with torch.no_grad():
                 self.project_upper(self.upper_params)
+        if restart_pure:
+            self.copy_penalised_to_pure()
         self.outer_step += 1
+        self.pure_restarts += int(restart_pure)
         values = torch.stack(
             [f.detach(), value_gap.detach(), grad_norm.to(f.device), g_pure.detach()]
         ).tolist()
         self._watch_value_gap(values[1], values[3])
-        return {"upper_loss": values[0], "value_gap": values[1], "proxy_grad_norm": values[2], "lam": lam}
+        return {
+            "upper_loss": values[0],
+            "value_gap": values[1],
+            "proxy_grad_norm": values[2],
+            "lam": lam,
+            "pure_restarts": float(self.pure_restarts),
+        }
+
+    def copy_penalised_to_pure(self) -> None:
+        """``z ← y``: the whole state when both copies have ``state_dict`` with the same keys (a module:
+        buffers too), otherwise the trainable tensors in order. An optimiser that keeps its own master copy
+        of the parameters (DeepSpeed's) is told through its ``reload_params()``."""
+        state = _variable_state(self.penalised, self.penalised_params)
+        if isinstance(state, dict) and state.keys() == _variable_state(self.pure, self.pure_params).keys():
+            _load_variable_state(self.pure, self.pure_params, state)
+        else:
+            with torch.no_grad():
+                torch._foreach_copy_(self.pure_params, self.penalised_params)
+        if hasattr(self.pure_optimizer, "reload_params"):
+            self.pure_optimizer.reload_params()
 
     def _watch_value_gap(self, gap: float, scale: float) -> None:
         """The gap is ≥ 0 when ``z`` minimises ``g(x, ·)``. Its running mean ``m`` and variance ``v``
@@ -353,6 +384,7 @@ class PenaltySolver:
         return {
             "outer_step": self.outer_step,
             "inner_step": self.inner_step_count,
+            "pure_restarts": self.pure_restarts,
             "upper": _variable_state(self.upper, self.upper_params),
             "penalised": _variable_state(self.penalised, self.penalised_params),
             "pure": _variable_state(self.pure, self.pure_params),
@@ -371,5 +403,6 @@ class PenaltySolver:
         for name in ("upper_optimizer", "penalised_optimizer", "pure_optimizer"):
             getattr(self, name).load_state_dict(copy.deepcopy(state[name]))
         self.outer_step, self.inner_step_count = state["outer_step"], state["inner_step"]
+        self.pure_restarts = state.get("pure_restarts", 0)
         if restore_rng:
             set_rng_state(state["rng"])

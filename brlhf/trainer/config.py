@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from transformers import TrainingArguments
+from transformers import SchedulerType, TrainingArguments
 
 
 @dataclass
@@ -21,8 +21,15 @@ class BilevelRLHFConfig(TrainingArguments):
 
     One training step (``global_step``) is one outer iteration; ``per_device_train_batch_size`` is the
     number of prompts per device per inner step. Only the fields below are specific to this trainer;
-    differences from ``TrainingArguments`` defaults: ``learning_rate=1e-4``, ``logging_steps=1``,
-    ``bf16=False``, ``save_strategy="no"``, ``remove_unused_columns=False``.
+    differences from ``TrainingArguments`` defaults: ``learning_rate=1e-4``, ``lr_scheduler_type="constant"``,
+    ``logging_steps=1``, ``bf16=False``, ``save_strategy="no"``, ``remove_unused_columns=False``.
+
+    Learning-rate schedules: ``lr_scheduler_type``, ``lr_scheduler_kwargs`` and ``warmup_steps`` (a count,
+    or a fraction of the steps when < 1) of ``TrainingArguments`` apply to all three optimisers alike, as in
+    ``transformers.Trainer``: one schedule per optimiser (``x``, ``y``, ``z``, each from its own base rate)
+    over the ``max_steps`` outer steps, advanced once per outer step (the K inner steps of ``y`` and ``z``
+    share their outer step's rate). The default here is ``"constant"`` (TrainingArguments: ``"linear"``, a
+    decay to 0). ``reward_warmup_steps`` run before the schedule, at the base ``reward_learning_rate``.
     """
 
     # penalty method
@@ -37,6 +44,14 @@ class BilevelRLHFConfig(TrainingArguments):
     penalised_upper_grad: bool = field(
         default=True,
         metadata={"help": "Add ∇_y f / λ to y's step; False makes y follow z exactly (collapse)."},
+    )
+    keep_better_pure: bool = field(
+        default=True,
+        metadata={
+            "help": "When a reward step measures g(x, y) < g(x, z) (z lags behind y at its own objective), "
+            "skip that step's penalty term and copy y into z (min_π g <= min(g(y), g(z))). False: plain "
+            "Algorithm 1, where a lagging z lets the reward model learn to tell y's samples from z's."
+        },
     )
     common_random_numbers: bool = field(
         default=True, metadata={"help": "Same prompts and random stream for the y and z terms of each step."}
@@ -110,6 +125,14 @@ class BilevelRLHFConfig(TrainingArguments):
         default=False, metadata={"help": "Train two full copies of the policy instead of two LoRA adapters."}
     )
     # TrainingArguments defaults that differ
+    lr_scheduler_type: SchedulerType | str = field(
+        default="constant",
+        metadata={
+            "help": "Schedule of the three learning rates (x, y, z) over max_steps outer steps, stepped once "
+            "per outer step: 'constant' (default: fixed rates), 'linear', 'cosine', 'constant_with_warmup', "
+            "... (transformers' names; with warmup_steps and lr_scheduler_kwargs)."
+        },
+    )
     logging_steps: float = field(default=1, metadata={"help": "Log every N outer steps."})
     bf16: bool | None = field(
         default=False, metadata={"help": "bf16 mixed precision (off: tiny CPU models)."}
@@ -120,6 +143,12 @@ class BilevelRLHFConfig(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all dataset columns."})
 
     def __post_init__(self) -> None:
+        scheduler = SchedulerType(self.lr_scheduler_type)  # an unknown name fails here, listing the known
+        if scheduler in (SchedulerType.REDUCE_ON_PLATEAU, SchedulerType.GREEDY):
+            raise ValueError(
+                f"lr_scheduler_type={scheduler.value!r} adapts to evaluation metrics, which the bilevel "
+                "trainer does not compute; use a fixed schedule ('constant', 'linear', 'cosine', ...)"
+            )
         super().__post_init__()
         if self.penalised_learning_rate is None:
             self.penalised_learning_rate = self.learning_rate

@@ -15,16 +15,20 @@ from __future__ import annotations
 import copy
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from brlhf.trainer.zero import gathered, is_partitioned
+
 
 class PolicyView:
-    """One copy of the lower variable as the solver sees it: its tensors, state_dict and load_state_dict."""
+    """One copy of the lower variable as the solver sees it (or, under ZeRO-3, the reward model's trainable
+    tensors): its tensors, state_dict and load_state_dict. ZeRO-3-partitioned tensors are gathered one by one
+    (collective: every process must call these); their state_dict is on the CPU."""
 
     def __init__(self, name: str, params: dict[str, Tensor]) -> None:
         if not params:
@@ -38,22 +42,41 @@ class PolicyView:
         return iter(self._params.values())
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {n: p.detach().clone() for n, p in self._params.items()}
+        out = {}
+        for n, p in self._params.items():
+            with gathered([p]):
+                out[n] = p.detach().cpu().clone() if is_partitioned(p) else p.detach().clone()
+        return out
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         with torch.no_grad():
             for n, p in self._params.items():
-                p.copy_(state[n])
+                with gathered([p], modifier_rank=0):
+                    p.copy_(state[n])
 
 
 class PolicyPair:
-    """``y``, ``z`` and the reference, on one peft model (LoRA) or as full copies."""
+    """``y``, ``z`` and the reference, on one peft model (LoRA) or as full copies.
 
-    def __init__(self, model: nn.Module, peft_config: Any = None, full_finetuning: bool = False) -> None:
+    Full fine-tuning: ``copy_model()`` makes each further copy (default: a deep copy of ``model``; a
+    ZeRO-3-partitioned model cannot be deep-copied and is loaded again instead). ``engines`` (set by the
+    trainer under ZeRO-3) maps ``"y"``, ``"z"`` and ``"reference"`` to the DeepSpeed engines that wrap those
+    models: :meth:`active` and :meth:`reference` then yield the engines, through which forward passes must go.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: Any = None,
+        full_finetuning: bool = False,
+        copy_model: Callable[[], nn.Module] | None = None,
+    ) -> None:
         self.full_finetuning = full_finetuning
+        self.engines: dict[str, nn.Module] = {}
         if full_finetuning:
-            self.models = {"y": model, "z": copy.deepcopy(model)}
-            self.ref_model = copy.deepcopy(model).requires_grad_(False).eval()
+            copy_model = copy_model or (lambda: copy.deepcopy(model))
+            self.models = {"y": model, "z": copy_model()}
+            self.ref_model = copy_model().requires_grad_(False).eval()
             for m in self.models.values():
                 m.requires_grad_(True).eval()
             self.y = PolicyView("y", dict(self.models["y"].named_parameters()))
@@ -95,7 +118,7 @@ class PolicyPair:
     def active(self, name: str) -> Iterator[nn.Module]:
         """The model computing policy ``name`` (``"y"`` or ``"z"``)."""
         if self.full_finetuning:
-            yield self.models[name]
+            yield self.engines.get(name, self.models[name])
             return
         self.model.set_adapter(name)
         self._unfreeze()
@@ -105,7 +128,7 @@ class PolicyPair:
     def reference(self) -> Iterator[nn.Module]:
         """The frozen reference policy π_ref (the base model with adapters disabled)."""
         if self.full_finetuning:
-            yield self.ref_model
+            yield self.engines.get("reference", self.ref_model)
             return
         try:
             with self.model.disable_adapter():
@@ -113,11 +136,12 @@ class PolicyPair:
         finally:
             self._unfreeze()
 
-    def save(self, output_dir: str) -> None:
-        """``<dir>/y`` and ``<dir>/z``: the two LoRA adapters, or the two full models."""
+    def save(self, output_dir: str, state_dicts: dict[str, dict[str, Tensor]] | None = None) -> None:
+        """``<dir>/y`` and ``<dir>/z``: the two LoRA adapters, or the two full models (with the given full
+        state dicts of ``"y"`` / ``"z"``, e.g. gathered from ZeRO-3 partitions)."""
         if self.full_finetuning:
             for name, m in self.models.items():
-                m.save_pretrained(os.path.join(output_dir, name))
+                m.save_pretrained(os.path.join(output_dir, name), state_dict=(state_dicts or {}).get(name))
         else:
             for name in ("y", "z"):
                 self.model.save_pretrained(output_dir, selected_adapters=[name])

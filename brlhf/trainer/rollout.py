@@ -77,7 +77,10 @@ def sample(
         pad_token_id=pad_token_id,
         eos_token_id=eos_token_id,
     )
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    # the weights are local when sampling (replicas, or gathered under ZeRO-3): no process waits for another
+    out = model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, generation_config=config, synced_gpus=False
+    )
     ids = out[:, input_ids.shape[1] :]
     mask = completion_mask(ids, eos_token_id)
     return ids.masked_fill(mask == 0, pad_token_id), mask

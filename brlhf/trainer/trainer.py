@@ -18,15 +18,24 @@ Sample reuse: one generation per copy and inner step. The ``y`` samples of an ou
 step are the ones sent to the judge (each labelled pair is counted once) and serve every ``f`` call of
 that outer step; the reward step reuses the last inner step's samples of each copy unless
 ``fresh_rollouts_for_upper``.
+
+Distribution: one device, DDP (the trainer all-reduces each variable's gradients), DeepSpeed ZeRO-1/2
+(one engine per variable over its tensors) and ZeRO-3 with ``full_finetuning`` only (one engine per
+variable over its own model, the reference in an inference engine; see :mod:`brlhf.trainer.zero`). FSDP
+is refused. Every process takes the same decisions and makes the same forward passes (ZeRO-3 gathers
+weights collectively): the value gap the solver acts on is the mean over processes, replayed labels are
+pooled over processes, and a process without labels in a step scores a weight-0 placeholder pair.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,9 +50,11 @@ from transformers import (
     PreTrainedModel,
     Trainer,
     TrainerState,
+    get_scheduler,
 )
 from transformers.trainer_utils import TrainOutput
 from trl.data_utils import is_conversational, maybe_extract_prompt
+from trl.models.utils import unwrap_model_for_generation
 
 from brlhf.core import PenaltyConfig, PenaltySolver, get_rng_state, set_rng_state
 from brlhf.judges import SafeJudge
@@ -51,7 +62,14 @@ from brlhf.rl import kl_policy_gradient_surrogate, leave_one_out_baseline, retur
 from brlhf.trainer.config import BilevelRLHFConfig
 from brlhf.trainer.policy import PolicyPair, PolicyView
 from brlhf.trainer.rollout import Rollout, encode_prompts, reward_scores, sample, sequence_logprobs
-from brlhf.trainer.zero import ZeroVariable, zero_config
+from brlhf.trainer.zero import (
+    ZeroVariable,
+    full_state_dict,
+    inference_engine,
+    is_partitioned,
+    is_zero3,
+    zero_config,
+)
 
 STATE_NAME = "bilevel_state.pt"
 OPTIMIZERS = ("upper_optimizer", "penalised_optimizer", "pure_optimizer")
@@ -64,6 +82,7 @@ class LabelledPairs:
     rollout: Rollout
     chosen: Tensor
     rejected: Tensor
+    weight: float = 1.0  # 0: a placeholder pair, for the forward passes only (ZeRO-3, see _label_pairs)
 
     def __len__(self) -> int:
         return len(self.chosen)
@@ -101,6 +120,14 @@ class BilevelRLHFTrainer(Trainer):
             model's unless ``reward_processing_class`` is given.
         peft_config: LoRA config of the two adapters (default: r=16, all linear layers); ignored with
             ``args.full_finetuning``.
+        reward_peft_config: a peft ``LoraConfig`` with ``task_type="SEQ_CLS"`` to train the reward model as a
+            LoRA adapter (peft also trains its score head, through ``modules_to_save``); the upper variable
+            ``x`` is then the adapter and the head only, the base weights stay fixed. ``None`` (default):
+            the full reward model is trained. The reward model is wrapped in place.
+
+    Learning rates follow ``args.lr_scheduler_type`` (default ``"constant"``): one schedule per optimiser
+    (``x``, ``y``, ``z``), advanced once per outer step, kept in ``self.lr_schedulers`` (``"x"``, ``"y"``,
+    ``"z"``), saved in checkpoints and logged as ``lr/x``, ``lr/y``, ``lr/z`` (the rates each step used).
     """
 
     _tag_names = ["brlhf", "bilevel-rlhf"]
@@ -117,6 +144,7 @@ class BilevelRLHFTrainer(Trainer):
         reward_processing_class: Any = None,
         peft_config: Any = None,
         callbacks: list | None = None,
+        reward_peft_config: Any = None,
     ) -> None:
         args = args if args is not None else BilevelRLHFConfig(output_dir="bilevel-rlhf")
         if not isinstance(args, BilevelRLHFConfig):
@@ -142,10 +170,22 @@ class BilevelRLHFTrainer(Trainer):
             self.reward_tokenizer.pad_token = self.reward_tokenizer.eos_token
 
         self.reward_model = self._load_reward_model(reward_model, model, model_id)
+        self.reward_is_lora = reward_peft_config is not None
+        if self.reward_is_lora:
+            self.reward_model = self._wrap_reward_model(self.reward_model, reward_peft_config)
         self._prompts = self._check_prompts(train_dataset, processing_class, model, args)
         self._preferences = self._check_preferences(preference_dataset)
 
-        self.policies = PolicyPair(model, peft_config, args.full_finetuning)
+        copy_model = None  # full fine-tuning: z and the reference are deep copies of the policy, unless ...
+        if args.full_finetuning and any(is_partitioned(p) for p in model.parameters()):
+            if model_id is None:  # ... it was loaded partitioned (ZeRO-3's zero.Init): load them again
+                raise ValueError(
+                    "the policy's parameters are ZeRO-3-partitioned (loaded under zero.Init) and cannot be "
+                    "copied into z and the reference: pass its model id or folder instead"
+                )
+            load = AutoModelForCausalLM.from_pretrained
+            copy_model = functools.partial(load, model_id, dtype=torch.float32)
+        self.policies = PolicyPair(model, peft_config, args.full_finetuning, copy_model)
         super().__init__(
             model=self.policies.model,
             args=args,
@@ -156,13 +196,23 @@ class BilevelRLHFTrainer(Trainer):
         )
         if self.is_fsdp_enabled:
             raise NotImplementedError(
-                "BilevelRLHFTrainer runs on one device, data-parallel (DDP) or DeepSpeed ZeRO-1/2; FSDP, "
-                "which shards the base weights shared by the adapters y, z and the reference, is unsupported"
+                "BilevelRLHFTrainer runs on one device, data-parallel (DDP), DeepSpeed ZeRO-1/2, or ZeRO-3 "
+                "with full_finetuning=True; FSDP is not supported yet"
             )
         self.zero_config = None
         if self.is_deepspeed_enabled:
             self.zero_config = zero_config(
                 self.accelerator.state.deepspeed_plugin.deepspeed_config, args.max_grad_norm
+            )
+        self.zero3 = is_zero3(self.zero_config)
+        if self.zero3 and not args.full_finetuning:
+            raise NotImplementedError(
+                "DeepSpeed ZeRO-3 needs full_finetuning=True: ZeRO-3 partitions the weights of the module an "
+                "engine wraps and gathers them through that module, with one optimiser per engine, while the "
+                "LoRA adapters y and z and the reference share one base module, so y and z cannot be stepped "
+                "by separate engines. Use full_finetuning=True (y, z, the reference and the reward model are "
+                "then separate, sharded models), or LoRA with ZeRO-2 (sharded gradients and optimiser "
+                "states, replicated weights)"
             )
         device = self.args.device
         self.reward_model.to(device)
@@ -179,6 +229,16 @@ class BilevelRLHFTrainer(Trainer):
         self.offline_generator = torch.Generator().manual_seed(args.seed + 1000 + self.rank)
         self.labels_used = 0
         self.solver = self._build_solver()
+        self.reward_engine = None  # ZeRO-3: the engines through which the forward passes go
+        if self.zero3:
+            solver = self.solver
+            self.reward_engine = solver.upper_optimizer.engine
+            self.policies.engines = {
+                "y": solver.penalised_optimizer.engine,
+                "z": solver.pure_optimizer.engine,
+                "reference": inference_engine(self.policies.ref_model, self.zero_config),
+            }
+        self.lr_schedulers = self._build_schedulers(self._max_steps())
         self._rollouts: dict[str, Rollout] = {}
         self._pairs: LabelledPairs | None = None
         self._pairs_step = -1
@@ -215,6 +275,35 @@ class BilevelRLHFTrainer(Trainer):
         if config is not None and getattr(config, "pad_token_id", None) is None:
             config.pad_token_id = self.reward_tokenizer.pad_token_id
         return reward_model.eval()
+
+    @staticmethod
+    def _wrap_reward_model(reward_model: nn.Module, peft_config: Any) -> nn.Module:
+        """The reward model as a peft model (LoRA adapter + trainable score head): ``reward_peft_config``."""
+        from peft import PeftConfig, PeftModel, TaskType, get_peft_model
+
+        if not isinstance(peft_config, PeftConfig):
+            raise TypeError(
+                f"reward_peft_config must be a peft config (e.g. LoraConfig(task_type='SEQ_CLS', ...)), "
+                f"got {type(peft_config).__name__}"
+            )
+        if peft_config.task_type != TaskType.SEQ_CLS:
+            raise ValueError(
+                f"reward_peft_config.task_type must be 'SEQ_CLS' (the reward model is a sequence classifier "
+                f"whose score head peft trains through modules_to_save), got {peft_config.task_type!r}"
+            )
+        if isinstance(reward_model, PeftModel) or any("lora_" in n for n, _ in reward_model.named_modules()):
+            raise ValueError(
+                "reward_peft_config was given but the reward model already has adapters: pass its base model"
+            )
+        model = get_peft_model(reward_model, peft_config).eval()
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        if not any("modules_to_save" in n for n in trainable):
+            warnings.warn(
+                "with reward_peft_config, no score head of the reward model is trainable (peft found no "
+                "'score' / 'classifier' module): name the head in reward_peft_config.modules_to_save",
+                stacklevel=3,
+            )
+        return model
 
     @staticmethod
     def _check_prompts(dataset: Any, tokenizer: Any, model: nn.Module, args: BilevelRLHFConfig) -> list[Any]:
@@ -292,14 +381,22 @@ class BilevelRLHFTrainer(Trainer):
             inner_steps=a.inner_steps,
             penalised_upper_grad=a.penalised_upper_grad,
             common_random_numbers=a.common_random_numbers,
+            keep_better_pure=a.keep_better_pure,
             max_grad_norm=a.max_grad_norm
             if a.max_grad_norm and a.max_grad_norm > 0 and not self.zero_config
             else None,
         )
         if self.zero_config is not None:  # one DeepSpeed engine per variable
-            adam = functools.partial(_zero_optimizer, adam, self.zero_config)
+            adam = functools.partial(_zero_optimizer, adam, self.zero_config, self._zero3_modules())
+        # x: the reward model's trainable tensors; with a LoRA reward model only the adapter and the head
+        # (a view, so that checkpoints hold these tensors and not the frozen base weights)
+        upper = (
+            PolicyView("x", {n: p for n, p in self.reward_model.named_parameters() if p.requires_grad})
+            if self.reward_is_lora or self.zero3  # ZeRO-3: a view gathers the partitioned tensors
+            else self.reward_model
+        )
         return PenaltySolver(
-            upper=self.reward_model,
+            upper=upper,
             penalised=self.policies.y,
             pure=self.policies.z,
             upper_loss=self._upper_loss,
@@ -313,6 +410,40 @@ class BilevelRLHFTrainer(Trainer):
             lower_batches=self._prompt_batch,
             backward=self._backward,
         )
+
+    def _zero3_modules(self) -> dict[int, nn.Module]:
+        """ZeRO-3: the module each variable's engine wraps, keyed by the id of the variable's first tensor."""
+        if not self.zero3:
+            return {}
+        models = (self.reward_model, self.policies.models["y"], self.policies.models["z"])
+        return {id(next(p for p in m.parameters() if p.requires_grad)): m for m in models}
+
+    # ------------------------------------------------------------------ learning-rate schedules
+    def _build_schedulers(self, num_steps: int) -> dict[str, Any]:
+        """One ``transformers.get_scheduler`` schedule per optimiser (``"x"``, ``"y"``, ``"z"``) over
+        ``num_steps`` outer steps, from ``lr_scheduler_type`` / ``warmup_steps`` / ``lr_scheduler_kwargs``.
+
+        A schedule drives the torch optimiser that holds the learning rates: the optimiser itself, or, under
+        DeepSpeed, the torch optimiser inside the engine's ZeRO optimiser (its ``param_groups`` are the ones
+        the engine's step reads). Stepped once per outer step, after ``solver.step()``."""
+        a = self.args
+        return {
+            name: get_scheduler(
+                a.lr_scheduler_type,
+                _torch_optimizer(optimizer),
+                num_warmup_steps=a.get_warmup_steps(num_steps),
+                num_training_steps=num_steps,
+                scheduler_specific_kwargs=a.lr_scheduler_kwargs or {},
+            )
+            for name, optimizer in zip(("x", "y", "z"), self._optimizers())
+        }
+
+    def learning_rates(self) -> dict[str, float]:
+        """The current learning rates of ``x``, ``y`` and ``z`` (``lr/x``, ``lr/y``, ``lr/z``)."""
+        return {
+            f"lr/{name}": float(_torch_optimizer(optimizer).param_groups[0]["lr"])
+            for name, optimizer in zip(("x", "y", "z"), self._optimizers())
+        }
 
     # ------------------------------------------------------------------ distributed backward
     def _backward(self, loss: Tensor, params: list[Tensor]) -> None:
@@ -395,8 +526,8 @@ class BilevelRLHFTrainer(Trainer):
             dist.all_reduce(count)
         self.labels_used += int(count[0])
         self._stats["labels/step"] = float(count[0])
-        if self.args.label_replay and chosen:
-            self._preferences = (self._preferences or []) + [
+        if self.args.label_replay:
+            new = [
                 {
                     "prompt": rollout.prompts[c],
                     "chosen": rollout.completions[c],
@@ -404,9 +535,21 @@ class BilevelRLHFTrainer(Trainer):
                 }
                 for c, r in zip(chosen, rejected)
             ]
+            if self.world_size > 1:  # every process replays every label: the same pool everywhere
+                everyone: list[Any] = [None] * self.world_size
+                dist.all_gather_object(everyone, new)
+                new = [row for rows in everyone for row in rows]
+            if new:
+                self._preferences = (self._preferences or []) + new
+        device = rollout.logprobs.device if rollout is not None else None
+        if not chosen and self.zero3 and count[0] > 0:
+            # ZeRO-3: other processes make forward passes on their pairs (gathering the reward model's and
+            # y's weights, a collective), so this one makes the same passes on a placeholder pair with
+            # weight 0: one row twice, whose gradient is exactly zero
+            row = torch.zeros(1, dtype=torch.long, device=device)
+            return LabelledPairs(rollout, row, row, weight=0.0)
         if not chosen:
             return None
-        device = rollout.logprobs.device
         return LabelledPairs(
             rollout, torch.tensor(chosen, device=device), torch.tensor(rejected, device=device)
         )
@@ -419,7 +562,7 @@ class BilevelRLHFTrainer(Trainer):
         repeated = [p for p in prompts for _ in range(a.num_generations)]
         prompt_ids, prompt_mask = encode_prompts(repeated, tok, self.args.device)
         t0 = time.perf_counter()
-        with self.policies.active(view.name) as model:
+        with self.policies.active(view.name) as policy, self._for_generation(policy) as model:
             completion_ids, completion_mask = sample(
                 model,
                 prompt_ids,
@@ -461,7 +604,16 @@ class BilevelRLHFTrainer(Trainer):
     ) -> Tensor:
         """``r_x(prompt, completion)`` for each row (differentiable in ``x`` when grad is enabled); the
         reward model reads the text (so it may have its own tokenizer). Override for other reward forms."""
-        return reward_scores(self.reward_model, self.reward_tokenizer, prompts, completions)
+        model = self.reward_engine if self.reward_engine is not None else self.reward_model
+        return reward_scores(model, self.reward_tokenizer, prompts, completions)
+
+    def _for_generation(self, policy: nn.Module) -> Any:
+        """Context giving the model to sample from: under ZeRO-3 the engine's module with all its parameters
+        gathered and the partitioning hooks removed (TRL's helper), so that generation makes no collective
+        call and each process may stop at its own EOS; otherwise ``policy`` itself."""
+        if not self.zero3:
+            return contextlib.nullcontext(policy)
+        return unwrap_model_for_generation(policy, self.accelerator)
 
     def _add_time(self, key: str, t0: float) -> None:
         self._stats[key] = self._stats.get(key, 0.0) + time.perf_counter() - t0
@@ -500,7 +652,18 @@ class BilevelRLHFTrainer(Trainer):
             if shared.all():  # nothing differs: a zero-gradient graph keeps the step well defined
                 fresh = rollout.rewards[rows.to(fresh.device)] + 0.0 * fresh
             rewards = rollout.rewards.index_put((rows.to(fresh.device),), fresh)
-        return -return_surrogate(rewards) + self.args.beta * rollout.kl.mean()
+        return self._process_mean(-return_surrogate(rewards) + self.args.beta * rollout.kl.mean())
+
+    def _process_mean(self, value: Tensor) -> Tensor:
+        """``value`` with the mean over the processes as its value and its own gradient. The solver decides on
+        the value gap ``g(x, y) - g(x, z)`` (``keep_better_pure`` copies y into z): every process must take
+        the same decision, or the replicas diverge (and under ZeRO-3 the collective gathers get out of step).
+        """
+        if self.world_size == 1:
+            return value
+        mean = value.detach().clone()
+        dist.all_reduce(mean)
+        return value + (mean / self.world_size - value.detach())
 
     def _shared_rows(self) -> Tensor | None:
         """Rows where the cached samples of ``y`` and ``z`` coincide (same prompt, same completion).
@@ -530,8 +693,9 @@ class BilevelRLHFTrainer(Trainer):
         self._stats["shared_samples"] = shared.float().mean().item()
         return shared
 
-    def _pair_logprobs(self, pairs: LabelledPairs) -> Tensor:
-        """``log π_y(chosen) + log π_y(rejected)`` under the current ``y`` (reusing the rollout's graph)."""
+    def _pair_logprobs(self, pairs: LabelledPairs) -> tuple[Tensor, Tensor]:
+        """``log π_y(chosen)`` and ``log π_y(rejected)`` under the current ``y`` (reusing the rollout's
+        graph)."""
         r = pairs.rollout
         rows = torch.cat([pairs.chosen, pairs.rejected])
         if r.tag == self.solver.inner_step_count and r.logprobs.requires_grad:
@@ -547,7 +711,7 @@ class BilevelRLHFTrainer(Trainer):
                     self.args.temperature,
                 )
         n = len(pairs)
-        return logprobs[:n] + logprobs[n:]
+        return logprobs[:n], logprobs[n:]
 
     def _upper_loss(self, view: PolicyView, batch: tuple[LabelledPairs | None, Any]) -> Tensor:
         """f(x, y): Bradley-Terry loss on the labelled pairs of y's samples (+ offline pairs).
@@ -572,12 +736,15 @@ class BilevelRLHFTrainer(Trainer):
             bt = -F.logsigmoid(margin)
             loss = loss + bt.mean()
             if upper:
-                self._stats["reward_model/accuracy"] = (margin > 0).float().mean().item()
+                if pairs.weight:
+                    self._stats["reward_model/accuracy"] = (margin > 0).float().mean().item()
             else:
                 ell = bt.detach()
                 baseline = leave_one_out_baseline(ell, n) if n >= 2 else torch.zeros_like(ell)
-                score = ((ell - baseline) * self._pair_logprobs(pairs)).mean()
+                logp_chosen, logp_rejected = self._pair_logprobs(pairs)
+                score = ((ell - baseline) * (logp_chosen + logp_rejected)).mean()
                 loss = loss + (score - score.detach())
+            loss = pairs.weight * loss
         if offline:
             with torch.set_grad_enabled(upper):
                 prompts = [row["prompt"] for row in offline]
@@ -592,27 +759,40 @@ class BilevelRLHFTrainer(Trainer):
 
     # ------------------------------------------------------------------ training loop
     def warmup_reward_model(self, steps: int) -> None:
-        """``steps`` Bradley-Terry steps of the reward model on the offline preferences alone."""
+        """``steps`` Bradley-Terry steps of the reward model on the offline preferences alone, at the base
+        ``reward_learning_rate`` (the learning-rate schedule starts with the bilevel loop)."""
         if steps <= 0:
             return
         if not self._preferences:
             raise ValueError("reward_warmup_steps > 0 needs a preference_dataset")
-        for _ in range(steps):
-            offline = self._offline_batch()
-            scores = self.reward(
-                [row["prompt"] for row in offline] * 2,
-                [row["chosen"] for row in offline] + [row["rejected"] for row in offline],
-            )
-            loss = -F.logsigmoid(scores[: len(offline)] - scores[len(offline) :]).mean()
-            self.solver.upper_optimizer.zero_grad(set_to_none=True)
-            self._backward(loss, self.solver.upper_params)
-            self.solver.upper_optimizer.step()
+        groups = _torch_optimizer(self.solver.upper_optimizer).param_groups
+        scheduled = [group["lr"] for group in groups]
+        for group, base in zip(groups, self.lr_schedulers["x"].base_lrs):
+            group["lr"] = base
+        try:
+            for _ in range(steps):
+                offline = self._offline_batch()
+                scores = self.reward(
+                    [row["prompt"] for row in offline] * 2,
+                    [row["chosen"] for row in offline] + [row["rejected"] for row in offline],
+                )
+                loss = -F.logsigmoid(scores[: len(offline)] - scores[len(offline) :]).mean()
+                self.solver.upper_optimizer.zero_grad(set_to_none=True)
+                self._backward(loss, self.solver.upper_params)
+                self.solver.upper_optimizer.step()
+        finally:
+            for group, lr in zip(groups, scheduled):
+                group["lr"] = lr
 
     def outer_step(self) -> dict[str, float]:
-        """One iteration of Algorithm 1 (K inner steps of y and z, then the reward-model step)."""
+        """One iteration of Algorithm 1 (K inner steps of y and z, then the reward-model step), then one
+        step of the three learning-rate schedules."""
         self._stats = {}
+        learning_rates = self.learning_rates()  # the rates this step uses
         t0 = time.perf_counter()
         stats = self.solver.step()
+        for scheduler in self.lr_schedulers.values():
+            scheduler.step()
         self._stats["time/step"] = time.perf_counter() - t0
         rollout_time = self._stats.get("time/generation", 0.0) + self._stats.get("time/forward", 0.0)
         self._stats["time/update"] = self._stats["time/step"] - rollout_time  # backward + optimiser steps
@@ -628,15 +808,19 @@ class BilevelRLHFTrainer(Trainer):
         }
         logs = self._mean_over_processes(logs)
         logs["lam"], logs["labels/used"] = stats["lam"], float(self.labels_used)
+        logs["pure_restarts"] = stats["pure_restarts"]
+        logs.update(learning_rates)
         return logs
 
     def _mean_over_processes(self, logs: dict[str, float]) -> dict[str, float]:
+        """Each statistic averaged over the processes that report it (a process without labels this step
+        has no reward-model accuracy, for instance)."""
         if self.world_size == 1:
             return logs
-        keys = sorted(logs)
-        values = torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=self.args.device)
-        dist.all_reduce(values)
-        return dict(zip(keys, (values / self.world_size).tolist()))
+        everyone: list[Any] = [None] * self.world_size
+        dist.all_gather_object(everyone, logs)
+        keys = sorted({k for d in everyone for k in d})
+        return {k: sum(d[k] for d in everyone if k in d) / sum(k in d for d in everyone) for k in keys}
 
     def _max_steps(self) -> int:
         if self.args.max_steps > 0:
@@ -665,6 +849,8 @@ class BilevelRLHFTrainer(Trainer):
         if resume_from_checkpoint:
             self._load_checkpoint(resume_from_checkpoint)
         else:
+            if self.world_size > 1:  # each process samples its completions from its own random stream
+                torch.manual_seed(args.seed + 7919 * self.rank)
             self.warmup_reward_model(args.reward_warmup_steps)
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         steps_per_epoch = len(self._prompts) / (
@@ -693,13 +879,25 @@ class BilevelRLHFTrainer(Trainer):
 
     # ------------------------------------------------------------------ saving and resuming
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Writes ``y/``, ``z/`` (adapters or full models), ``reward_model/``, the tokenizer, a model card."""
+        """Writes ``y/``, ``z/`` (adapters or full models), ``reward_model/``, the tokenizer, a model card.
+
+        ``reward_model/`` holds the full reward model, or with ``reward_peft_config`` its adapter (LoRA and
+        score head): load it with ``PeftModel.from_pretrained(base_reward_model, ".../reward_model")``, or
+        ``AutoPeftModelForSequenceClassification`` when the base came from a hub id or a folder.
+        Under ZeRO-3 every process must call it (the models are gathered); process 0 writes them."""
         output_dir = output_dir or self.args.output_dir
+        states: dict[str, Any] = {}  # ZeRO-3: every process gathers the partitioned models, process 0 writes
+        if self.zero3:
+            keep = self.is_world_process_zero()
+            states = {name: full_state_dict(m, keep) for name, m in self.policies.models.items()}
+            states["reward_model"] = full_state_dict(self.reward_model, keep)
         if not self.is_world_process_zero():
             return
         os.makedirs(output_dir, exist_ok=True)
-        self.policies.save(output_dir)
-        self.reward_model.save_pretrained(os.path.join(output_dir, "reward_model"))
+        self.policies.save(output_dir, states)
+        self.reward_model.save_pretrained(
+            os.path.join(output_dir, "reward_model"), state_dict=states.get("reward_model")
+        )
         self.reward_tokenizer.save_pretrained(os.path.join(output_dir, "reward_model"))
         self.processing_class.save_pretrained(output_dir)
         with open(os.path.join(output_dir, "README.md"), "w") as fh:
@@ -736,14 +934,16 @@ class BilevelRLHFTrainer(Trainer):
         return "\n".join(lines) + "\n"
 
     def trainer_state_dict(self) -> dict[str, Any]:
-        """Everything that is shared by the processes: the solver (x, y, z, their optimisers, λ's step)
-        and the label count."""
+        """Everything that is shared by the processes: the solver (x, y, z, their optimisers, λ's step),
+        the learning-rate schedules and the label count."""
         state = self.solver.state_dict()
         state.pop("rng")
         return {
             "solver": state,
+            "lr_schedulers": {name: s.state_dict() for name, s in self.lr_schedulers.items()},
             "labels_used": self.labels_used,
             "judge_stats": dict(self.judge.stats) if self.judge else None,
+            "preferences": self._preferences if self.args.label_replay else None,  # with the replayed labels
         }
 
     def _rng_state(self) -> dict[str, Any]:
@@ -760,16 +960,18 @@ class BilevelRLHFTrainer(Trainer):
         name = f"checkpoint-{self.state.global_step}"
         final = os.path.join(self.args.output_dir, name)
         tmp = os.path.join(self.args.output_dir, f"tmp-{name}")
+        state = self.trainer_state_dict()  # on every process: ZeRO-3 gathers, ZeRO has per-process shards
         if self.is_world_process_zero():
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
-            self.save_model(tmp)
-            torch.save(self.trainer_state_dict(), os.path.join(tmp, STATE_NAME))
-            self.state.save_to_json(os.path.join(tmp, "trainer_state.json"))
         self._barrier()
+        self.save_model(tmp)  # every process (ZeRO-3 gathers), process 0 writes
+        if self.is_world_process_zero():
+            torch.save(state, os.path.join(tmp, STATE_NAME))
+            self.state.save_to_json(os.path.join(tmp, "trainer_state.json"))
         torch.save(self._rng_state(), os.path.join(tmp, f"rng_state_{self.rank}.pt"))
         if self.zero_config is not None:  # each process's shard of the three optimiser states
-            shards = {k: self.trainer_state_dict()["solver"][k] for k in OPTIMIZERS}
+            shards = {k: state["solver"][k] for k in OPTIMIZERS}
             torch.save(shards, os.path.join(tmp, f"zero_optimizer_states_{self.rank}.pt"))
         self._barrier()
         if self.is_world_process_zero():
@@ -808,7 +1010,15 @@ class BilevelRLHFTrainer(Trainer):
             )
             state["solver"].update(shards)
         self.solver.load_state_dict({**state["solver"], "rng": None}, restore_rng=False)
+        for name, scheduler in self.lr_schedulers.items():
+            if "lr_schedulers" in state:  # (checkpoints written before the schedules: constant rates)
+                scheduler.load_state_dict(state["lr_schedulers"][name])
+            # the rates in force: a ZeRO optimiser's shard need not carry its param_groups' "lr"
+            for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr
         self.labels_used = state["labels_used"]
+        if state.get("preferences") is not None:
+            self._preferences = state["preferences"]
         if self.judge is not None and state["judge_stats"]:
             self.judge.stats.update(state["judge_stats"])
         rng = torch.load(os.path.join(path, f"rng_state_{self.rank}.pt"), weights_only=False)
@@ -831,11 +1041,12 @@ class BilevelRLHFTrainer(Trainer):
         max_new_tokens: int | None = None,
         temperature: float | None = None,
     ) -> list[str]:
-        """Sampled completions of ``policy`` (``"y"``, ``"z"`` or ``"reference"``) for ``prompts``."""
+        """Sampled completions of ``policy`` (``"y"``, ``"z"`` or ``"reference"``) for ``prompts``. Under
+        ZeRO-3 it gathers the policy's weights: every process must call it."""
         tok = self.processing_class
         ids, mask = encode_prompts(prompts, tok, self.args.device)
         ctx = self.policies.reference() if policy == "reference" else self.policies.active(policy)
-        with ctx as model:
+        with ctx as engine, self._for_generation(engine) as model:
             out, _ = sample(
                 model,
                 ids,
@@ -848,8 +1059,21 @@ class BilevelRLHFTrainer(Trainer):
         return tok.batch_decode(out, skip_special_tokens=True)
 
 
-def _zero_optimizer(adam: Any, config: dict[str, Any], params: list[Tensor], lr: float) -> ZeroVariable:
-    return ZeroVariable(params, adam(params, lr=lr), config)
+def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimiser whose ``param_groups`` hold the learning rates: ``optimizer`` itself, or the one
+    wrapped by a :class:`ZeroVariable` and DeepSpeed's ZeRO optimiser (``.optimizer`` attributes)."""
+    inner = optimizer
+    for _ in range(4):
+        if isinstance(inner, torch.optim.Optimizer):
+            return inner
+        inner = getattr(inner, "optimizer", None)
+    raise TypeError(f"no torch optimiser found in {type(optimizer).__name__} to schedule its learning rate")
+
+
+def _zero_optimizer(
+    adam: Any, config: dict[str, Any], modules: dict[int, nn.Module], params: list[Tensor], lr: float
+) -> ZeroVariable:
+    return ZeroVariable(params, adam(params, lr=lr), config, modules.get(id(params[0])))
 
 
 def copy_config(config: Any, **overrides: Any) -> Any:

@@ -33,6 +33,21 @@ def _digest(tensors) -> str:
     return h.hexdigest()
 
 
+def _reference_rates(bases: list[float], schedule: str, warmup: int, steps: int) -> list[list[float]]:
+    """The rates transformers' own schedule gives a plain torch optimiser at each of ``steps`` steps."""
+    import torch
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([{"params": [torch.zeros(1)], "lr": lr} for lr in bases])
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+    rates = []
+    for _ in range(steps):
+        rates.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
 def worker(out_dir: str, backend: str) -> None:
     import torch
     from datasets import Dataset
@@ -61,9 +76,13 @@ def worker(out_dir: str, backend: str) -> None:
         save_strategy="steps",
         save_steps=2,
         inner_steps=2,
+        lr_scheduler_type="cosine",  # rates that change every step: the schedules must resume exactly
+        warmup_steps=1,
     )
 
     def build(**overrides) -> BilevelRLHFTrainer:
+        from peft import LoraConfig
+
         return BilevelRLHFTrainer(
             build_tiny_policy(tokenizer, hidden=32, layers=1),
             build_tiny_reward_model(tokenizer, hidden=32, layers=1),
@@ -72,6 +91,11 @@ def worker(out_dir: str, backend: str) -> None:
             train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
             processing_class=tokenizer,
             peft_config=tiny_lora_config(4),
+            reward_peft_config=(  # ZeRO-2: the reward model as a LoRA adapter (its own engine, sharded)
+                LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="SEQ_CLS")
+                if backend == "zero2"
+                else None
+            ),
         )
 
     trainer = build()
@@ -94,9 +118,12 @@ def worker(out_dir: str, backend: str) -> None:
         "z": _digest(trainer.policies.z.parameters()),
         "x": _digest(trainer.reward_model.parameters()),
         "z_before": before,
-        "samples": trainer._rollouts["y"].completions,
+        "prompts": [str(p) for p in trainer._rollouts["y"].prompts],
         "value_gap": trainer.state.log_history[-1]["value_gap"],
         "same_after_resume": same_after_resume,
+        "lr": [[h[f"lr/{v}"] for v in "xyz"] for h in trainer.state.log_history],
+        "lr_resumed": [[h[f"lr/{v}"] for v in "xyz"] for h in resumed.state.log_history],
+        "lr_reference": _reference_rates([1e-2, 1e-2, 1e-2], "cosine", 1, 3),
     }
     with open(os.path.join(out_dir, f"rank{trainer.rank}.json"), "w") as fh:
         json.dump(record, fh)
@@ -132,12 +159,15 @@ def test_two_cpu_processes_stay_in_sync(tmp_path, backend):
     for key in ("x", "y", "z", "labels_used", "value_gap"):
         assert ranks[0][key] == ranks[1][key], key  # replicas identical after 3 outer steps
     assert ranks[0]["z"] != ranks[0]["z_before"]  # and they did train
-    assert ranks[0]["samples"] != ranks[1]["samples"]  # on different prompts / samples per process
+    assert ranks[0]["prompts"] != ranks[1]["prompts"]  # on different prompts per process
     assert 0 < ranks[0]["labels_used"] <= 3 * 4  # labels_per_step counts all processes (ties abstain)
     assert (tmp_path / "checkpoint-2" / "rng_state_1.pt").exists()
     if backend == "zero2":  # each process saves its shard of the optimiser states
         assert (tmp_path / "checkpoint-2" / "zero_optimizer_states_1.pt").exists()
     assert ranks[0]["same_after_resume"] and ranks[1]["same_after_resume"]
+    for r in ranks:  # the learning-rate schedule (under ZeRO: on the engines' optimisers), and its resume
+        assert r["lr"] == r["lr_reference"] and r["lr_resumed"] == r["lr"]
+        assert len({tuple(lr) for lr in r["lr"]}) == 3
 
 
 if __name__ == "__main__":

@@ -71,3 +71,15 @@ def test_a_local_model_folder_runs_the_same_recipe(align, tmp_path, tokenizer):
         assert (tmp_path / "out" / path).exists(), path
     adapter = json.loads((tmp_path / "out" / "y" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(folder)
+
+
+def test_recipe_reward_lora_and_schedule_options(align, tmp_path):
+    out = tmp_path / "out"
+    argv = "--max_steps 2 --offline_pairs 16 --reward_warmup_steps 2 --labels_per_step 4 "
+    argv += "--per_device_train_batch_size 2 --eval_every 1 --eval_samples 1 --disable_tqdm true "
+    argv += "--reward_lora_r 4 --lr_scheduler_type cosine --warmup_steps 1"
+    result = run(align, [*argv.split(), "--output_dir", str(out)])
+    assert result["labels_used"] > 0
+    adapter = json.loads((out / "reward_model" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["task_type"] == "SEQ_CLS" and "score" in adapter["modules_to_save"]
+    assert not (out / "reward_model" / "model.safetensors").exists()

@@ -109,16 +109,37 @@ def _numbers(history):
     return [{k: v for k, v in h.items() if not k.startswith("time/")} for h in history]
 
 
-def test_stopped_and_resumed_run_equals_an_uninterrupted_run(args_factory, tokenizer, prompts, tmp_path):
-    common = dict(max_steps=4, save_strategy="steps", save_steps=2, inner_steps=2, labels_per_step=2)
-    straight = build(args_factory(output_dir=str(tmp_path / "a"), **common), tokenizer, prompts)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        # a schedule that changes every step (warmup, then cosine decay) and a LoRA reward model
+        {"lr_scheduler_type": "cosine", "warmup_steps": 1, "reward_lora": True},
+    ],
+    ids=["constant", "cosine-lora-reward"],
+)
+def test_stopped_and_resumed_run_equals_an_uninterrupted_run(
+    args_factory, tokenizer, prompts, tmp_path, options
+):
+    options = dict(options)
+    kw = {}
+    if options.pop("reward_lora", False):
+        from peft import LoraConfig
+
+        kw["reward_peft_config"] = LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="SEQ_CLS"
+        )
+    common = dict(
+        max_steps=4, save_strategy="steps", save_steps=2, inner_steps=2, labels_per_step=2, **options
+    )
+    straight = build(args_factory(output_dir=str(tmp_path / "a"), **common), tokenizer, prompts, **kw)
     straight.train()
     ckpt = tmp_path / "a" / "checkpoint-2"
     assert ckpt.is_dir() and not any(d.startswith("tmp-") for d in os.listdir(tmp_path / "a"))
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["global_step"] == 2
 
-    resumed = build(args_factory(output_dir=str(tmp_path / "b"), **common), tokenizer, prompts)
+    resumed = build(args_factory(output_dir=str(tmp_path / "b"), **common), tokenizer, prompts, **kw)
     resumed.train(resume_from_checkpoint=str(ckpt))
     assert resumed.state.global_step == 4 and resumed.labels_used == straight.labels_used
     assert _numbers(resumed.state.log_history) == _numbers(straight.state.log_history)
@@ -132,6 +153,11 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_run(args_factory, token
     assert all(
         torch.equal(opt_a["state"][i]["exp_avg"], opt_b["state"][i]["exp_avg"]) for i in opt_a["state"]
     )
+    assert resumed.learning_rates() == straight.learning_rates()
+    for name, scheduler in straight.lr_schedulers.items():
+        assert resumed.lr_schedulers[name].state_dict() == scheduler.state_dict()
+    if options:  # the rates did change from step to step, and the resumed run logged the same ones
+        assert len({h["lr/z"] for h in straight.state.log_history}) == 4
 
 
 def test_metrics_reach_tensorboard(args_factory, tokenizer, prompts, tmp_path):
@@ -197,7 +223,8 @@ def test_unsupported_deepspeed_settings_are_refused_clearly():
     assert zero_config({"zero_optimization": {"stage": 2, "overlap_comm": "auto"}}, 1.0)[
         "zero_optimization"
     ] == {"stage": 2}
-    with pytest.raises(NotImplementedError, match="stages 1 and 2"):
-        zero_config({"zero_optimization": {"stage": 3}}, 1.0)
+    assert zero_config({"zero_optimization": {"stage": 3}}, 1.0)["zero_optimization"] == {"stage": 3}
+    with pytest.raises(NotImplementedError, match="stages 1 to 3"):
+        zero_config({"zero_optimization": {"stage": 0}}, 1.0)
     with pytest.raises(NotImplementedError, match="offload_optimizer"):
         zero_config({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, 1.0)

@@ -106,6 +106,7 @@ def test_y_equals_z_without_the_upper_gradient(
         max_steps=4,
         penalised_upper_grad=penalised_upper_grad,
         lam=1.0,
+        keep_better_pure=False,  # plain Algorithm 1: a z ← y copy would also make y = z
     )
     trainer.train()
     same = all(
@@ -204,3 +205,30 @@ def test_skipping_shared_samples_gives_the_same_reward_gradient(
     assert gap_skip == pytest.approx(gap_full, abs=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_skip, grads_full))
     assert any(g.abs().sum() > 0 for g in grads_full)
+
+
+def test_a_lagging_z_is_restarted_from_y(args_factory, policy, reward_model, tokenizer, prompts):
+    """With z frozen (learning rate 0, β = 0) y soon beats z at g; keep_better_pure (the default) then copies
+    y's adapter into z's (different tensor names: copied in order) and skips that step's penalty term."""
+    trainer = make_trainer(
+        args_factory,
+        policy,
+        reward_model,
+        tokenizer,
+        prompts,
+        learning_rate=0.0,
+        penalised_learning_rate=5e-2,
+        beta=0.0,
+    )
+    assert trainer.args.keep_better_pure
+    solver = trainer.solver
+    for _ in range(12):
+        before = solver.pure_restarts
+        stats = solver.step()
+        y, z = list(trainer.policies.y.parameters()), list(trainer.policies.z.parameters())
+        if solver.pure_restarts > before:
+            assert stats["value_gap"] < 0
+            assert all(torch.equal(a, b) and a is not b for a, b in zip(y, z))
+        else:
+            assert stats["value_gap"] >= 0
+    assert solver.pure_restarts >= 1
