@@ -13,7 +13,9 @@ environment data and the query segments; both learn off-policy from the same rel
   ``y`` is the score-function term ``mean_n (ℓ_n - b) ∇_y [log π_y(σ⁰_n) + log π_y(σ¹_n)]`` with
   ``ℓ_n = Σ_m CE_m(n)``, ``b = mean_n ℓ_n`` and ``log π_y(σ) = Σ_t log π_y(a_t|s_t)``, on ``f_pairs``
   random labelled pairs per ``y`` step (the pairs were collected by earlier ``y`` iterates: no
-  importance weights). The ``ℓ_n`` of all labelled pairs are cached between x steps.
+  importance weights; instead actions more than ``score_trust`` σ away from y's current mean give no
+  gradient, and tanh-saturated action dimensions count as censored, see ``Actor.log_prob``). The ``ℓ_n``
+  of all labelled pairs are cached between x steps.
 
 One outer step of Algorithm 1 is one feedback session: between sessions ``solver.inner_step()`` runs
 once per environment step (K = ``num_interact``); at the session the ensemble takes one
@@ -60,10 +62,12 @@ class BilevelLearner:
         f_pairs: int,
         seed: int = 0,
         penalised_upper_grad: bool = True,
+        score_trust: float | None = 3.0,
     ) -> None:
         self.y, self.z = SAC(obs_dim, act_dim, sac, buffer.device), SAC(obs_dim, act_dim, sac, buffer.device)
         self.z.load_state_dict(self.y.state_dict())  # y0 = z0
         self.ensemble, self.buffer, self.prefs, self.f_pairs = ensemble, buffer, prefs, f_pairs
+        self.trust = score_trust
         self.rng = np.random.default_rng([seed, 7])
         self._pending: np.ndarray | None = None
         self._correct: Tensor | None = None
@@ -105,7 +109,7 @@ class BilevelLearner:
         # the y step: only ∇_y f is used, its value is the mean loss of the pairs
         ell = self._pair_losses()[torch.from_numpy(batch.idx).to(self.prefs.device)]
         d = self.y.obs_dim
-        logp = sum(agent.actor.log_prob(s[..., :d], s[..., d:]).sum(-1) for s in (seg0, seg1))
+        logp = sum(agent.actor.log_prob(s[..., :d], s[..., d:], self.trust).sum(-1) for s in (seg0, seg1))
         return ell.mean() + ((ell - ell.mean()) * (logp - logp.detach())).mean()
 
     @torch.no_grad()

@@ -49,6 +49,7 @@ class RunConfig:
     # bilevel PEBBLE
     lam: float = 10.0
     f_pairs: int = 8  # labelled pairs per y step for the score-function term ∇_y f
+    score_trust: float | None = 3.0  # ∇_y f: no gradient from actions > this many σ off y's mean
     # evaluation and outputs
     eval_every: int = 10_000
     eval_episodes: int = 10

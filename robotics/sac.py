@@ -103,11 +103,28 @@ class Actor(nn.Module):
         u = mu + log_std.exp() * torch.randn_like(mu)
         return torch.tanh(u), self._log_prob(u, mu, log_std)
 
-    def log_prob(self, obs: Tensor, action: Tensor) -> Tensor:
-        """``log π(a|s)`` of given (stored) actions, for score-function gradients."""
+    def log_prob(self, obs: Tensor, action: Tensor, trust: float | None = None) -> Tensor:
+        """``log π(a|s)`` of given (stored) actions, for score-function gradients.
+
+        A dimension stored as ±1 (tanh saturated in float32: ``|u| ≥ u_c = atanh(1 - 1e-6)``) is a censored
+        observation: its term is ``log P(±u ≥ u_c) = log Φ((±μ - u_c)/σ)``, not a density at the clamp
+        point (which, at σ = e^-5, reaches -1e15 and swamps every other gradient). With ``trust``, a step
+        with a dimension more than ``trust`` standard deviations away from what the current policy does
+        (``|u - μ|/σ``, or ``(u_c - ±μ)/σ`` for a saturated one) gives no gradient: its importance weight
+        π_now / π_behaviour is ≈ 0, the current policy would not take that action."""
         mu, log_std = self(obs)
+        std, u_c = log_std.exp(), math.atanh(1 - 1e-6)
+        saturated = action.abs() >= 1 - 1e-6
         u = torch.atanh(action.clamp(-1 + 1e-6, 1 - 1e-6))
-        return self._log_prob(u, mu, log_std)
+        gauss = -0.5 * ((u - mu) / std) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
+        log_det = 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))  # log(1 - tanh(u)²), stable
+        tail_z = (torch.sign(action) * mu - u_c) / std
+        tail = torch.special.log_ndtr(tail_z.clamp(min=-1e3))
+        logp = torch.where(saturated, tail, gauss - log_det).sum(-1)
+        if trust is not None:
+            distance = torch.where(saturated, (-tail_z).clamp(min=0), ((u - mu) / std).abs())
+            logp = torch.where((distance > trust).any(-1), logp.detach(), logp)
+        return logp
 
     def mode(self, obs: Tensor) -> Tensor:
         return torch.tanh(self(obs)[0])

@@ -87,7 +87,9 @@ class Trainer:
         self.learner: PebbleLearner | BilevelLearner = (
             PebbleLearner(*common)
             if cfg.method == "pebble"
-            else BilevelLearner(*common, lam=cfg.lam, f_pairs=cfg.f_pairs, seed=cfg.seed)
+            else BilevelLearner(
+                *common, lam=cfg.lam, f_pairs=cfg.f_pairs, seed=cfg.seed, score_trust=cfg.score_trust
+            )
         )
         self.ent_stats = RunningMeanStd()
         self.rng = np.random.default_rng([cfg.seed, 1])  # queries and teacher
@@ -225,6 +227,8 @@ class Trainer:
         }
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
+        defaults = dataclasses.asdict(RunConfig())  # a field added since the checkpoint: its default
+        s["config"] = {**{k: defaults[k] for k in defaults if k not in s["config"]}, **s["config"]}
         if s["config"] != dataclasses.asdict(self.cfg):
             diff = {
                 k: (v, s["config"].get(k))

@@ -38,6 +38,8 @@ LossClosure = Callable[[Any, Any], Tensor]
 """``loss(lower, batch) -> scalar tensor``; ``lower`` is ``solver.penalised`` or ``solver.pure``."""
 OptimizerFactory = Callable[[list[Tensor]], torch.optim.Optimizer]
 Backward = Callable[[Tensor, Sequence[Tensor]], None]
+OPTIMIZERS = ("upper_optimizer", "penalised_optimizer", "pure_optimizer")
+"""The optimisers of ``x``, ``y`` and ``z``: attribute names of the solver, keys of its ``state_dict``."""
 
 
 class BilevelLossError(ValueError):
@@ -388,9 +390,7 @@ class PenaltySolver:
             "upper": _variable_state(self.upper, self.upper_params),
             "penalised": _variable_state(self.penalised, self.penalised_params),
             "pure": _variable_state(self.pure, self.pure_params),
-            "upper_optimizer": self.upper_optimizer.state_dict(),
-            "penalised_optimizer": self.penalised_optimizer.state_dict(),
-            "pure_optimizer": self.pure_optimizer.state_dict(),
+            **{name: getattr(self, name).state_dict() for name in OPTIMIZERS},
             "rng": get_rng_state(),
         }
 
@@ -400,7 +400,7 @@ class PenaltySolver:
         _load_variable_state(self.pure, self.pure_params, state["pure"])
         # torch's Optimizer.load_state_dict keeps the given tensors: copy them, so that a state taken
         # from a live solver never makes two optimisers share their moment estimates.
-        for name in ("upper_optimizer", "penalised_optimizer", "pure_optimizer"):
+        for name in OPTIMIZERS:
             getattr(self, name).load_state_dict(copy.deepcopy(state[name]))
         self.outer_step, self.inner_step_count = state["outer_step"], state["inner_step"]
         self.pure_restarts = state.get("pure_restarts", 0)

@@ -25,6 +25,13 @@ from torch import Tensor, nn
 from brlhf.trainer.zero import gathered, is_partitioned
 
 
+def has_adapters(model: nn.Module) -> bool:
+    """Whether ``model`` is a peft model or already carries LoRA layers."""
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel) or any("lora_" in n for n, _ in model.named_modules())
+
+
 class PolicyView:
     """One copy of the lower variable as the solver sees it (or, under ZeRO-3, the reward model's trainable
     tensors): its tensors, state_dict and load_state_dict. ZeRO-3-partitioned tensors are gathered one by one
@@ -83,9 +90,9 @@ class PolicyPair:
             self.z = PolicyView("z", dict(self.models["z"].named_parameters()))
             self.model = self.models["y"]
             return
-        from peft import LoraConfig, PeftModel, get_peft_model
+        from peft import LoraConfig, get_peft_model
 
-        if isinstance(model, PeftModel) or any("lora_" in n for n, _ in model.named_modules()):
+        if has_adapters(model):
             raise ValueError(
                 "pass a base model without adapters (and a `peft_config`): the trainer creates the "
                 "adapters 'y' and 'z' in place, so a model can serve one trainer only"
@@ -110,9 +117,6 @@ class PolicyPair:
         for view in (self.y, self.z):
             for p in view.parameters():
                 p.requires_grad_(True)
-
-    def view(self, name: str) -> PolicyView:
-        return {"y": self.y, "z": self.z}[name]
 
     @contextmanager
     def active(self, name: str) -> Iterator[nn.Module]:

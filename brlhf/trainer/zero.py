@@ -24,7 +24,7 @@ Optimiser and parameter offload are not supported.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from typing import Any
 
@@ -152,6 +152,18 @@ class ZeroVariable:
         self.optimizer.load_state_dict(shards, load_optimizer_states=True, load_from_fp32_weights=False)
         if hasattr(self.optimizer, "checkpoint_event_epilogue"):  # ZeRO-3: re-gathers unpartitioned tensors
             self.optimizer.checkpoint_event_epilogue()
+
+
+def zero_optimizer(
+    optimizer: Callable[..., torch.optim.Optimizer],
+    config: dict[str, Any],
+    modules: dict[int, nn.Module],
+    params: list[Tensor],
+    lr: float,
+) -> ZeroVariable:
+    """A solver's optimiser factory (with the first three arguments bound): ``optimizer(params, lr=lr)`` in
+    a :class:`ZeroVariable`, whose engine wraps ``modules[id(params[0])]`` under ZeRO-3."""
+    return ZeroVariable(params, optimizer(params, lr=lr), config, modules.get(id(params[0])))
 
 
 def is_partitioned(t: Tensor) -> bool:

@@ -15,7 +15,7 @@ OBS, A, H = 4, 2, 5
 SAC_CFG = SACConfig(hidden_dim=32, hidden_depth=2, batch_size=64, lr=1e-3)
 
 
-def _learner(penalised_upper_grad=True, lam=10.0, optimizer=None, seed=0):
+def _learner(penalised_upper_grad=True, lam=10.0, optimizer=None, seed=0, score_trust=3.0):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     buf = ReplayBuffer(OBS, A, 2000, seed=seed)
@@ -41,6 +41,7 @@ def _learner(penalised_upper_grad=True, lam=10.0, optimizer=None, seed=0):
         f_pairs=8,
         seed=seed,
         penalised_upper_grad=penalised_upper_grad,
+        score_trust=score_trust,
     )
     # y has been pre-trained alone; the first session starts z from it (y0 = z0)
     for _ in range(5):
@@ -112,7 +113,7 @@ def test_x_step_is_preference_loss_plus_lambda_reward_gap():
 
 def test_y_step_adds_the_score_function_term_over_lambda():
     lam = 2.0
-    learner, ens, buf, prefs = _learner(lam=lam)
+    learner, ens, buf, prefs = _learner(lam=lam, score_trust=None)  # every stored action counts
     idx = np.arange(8)
     from robotics.bilevel import PairBatch
 

@@ -25,6 +25,42 @@ def test_log_prob_matches_torch_distributions():
     assert agent.actor.log_prob(seg, torch.rand(4, 7, 3, dtype=torch.float64) * 2 - 1).shape == (4, 7)
 
 
+def test_log_prob_of_saturated_actions_is_the_censored_tail():
+    """A stored ±1 (tanh saturated) counts as P(±u ≥ atanh(1 - 1e-6)) under N(μ, σ): scipy's norm.logsf."""
+    from scipy.stats import norm
+
+    torch.manual_seed(0)
+    agent = SAC(5, 1, SMALL)
+    agent.actor.double()
+    obs = torch.randn(6, 5, dtype=torch.float64)
+    action = torch.tensor([[1.0], [-1.0], [1.0], [-1.0], [1.0], [-1.0]], dtype=torch.float64)
+    mu, log_std = (t.detach().numpy()[:, 0] for t in agent.actor(obs))
+    u_c = np.arctanh(1 - 1e-6)
+    expected = norm.logsf(u_c, loc=action.numpy()[:, 0] * mu, scale=np.exp(log_std))
+    got = agent.actor.log_prob(obs, action).detach().numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert np.all(np.isfinite(got)) and np.all(got > -1e3)  # not the -1e15 of a density at the clamp
+
+
+def test_trust_region_drops_the_gradient_of_implausible_actions():
+    torch.manual_seed(0)
+    agent = SAC(5, 2, SMALL)
+    obs = torch.randn(2, 5)
+    mu, log_std = agent.actor(obs)
+    near = torch.tanh(mu.detach())  # the policy's own mean action: 0 σ away
+    far = torch.tanh(mu.detach() + 6 * log_std.detach().exp()).clamp(-0.999, 0.999)  # 6 σ away
+    far = torch.where((far - near).abs() < 1e-3, -near, far)
+    params = list(agent.actor.parameters())
+    for action, moves in ((near, True), (far, False)):
+        logp = agent.actor.log_prob(obs, action, trust=3.0).sum()
+        grads = torch.autograd.grad(logp, params, allow_unused=True)
+        norm = sum(float(g.abs().sum()) for g in grads if g is not None)
+        assert (norm > 0) is moves
+    # without trust both carry a gradient
+    logp = agent.actor.log_prob(obs, far).sum()
+    assert sum(float(g.abs().sum()) for g in torch.autograd.grad(logp, params)) > 0
+
+
 def test_log_std_is_squashed_into_bounds():
     agent = SAC(5, 3, SMALL)
     with torch.no_grad():
