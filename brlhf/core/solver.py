@@ -270,6 +270,8 @@ class PenaltySolver:
             if grads:
                 grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         optimizer.step()
+        if hasattr(grad_norm, "full_tensor"):  # FSDP's sharded gradients give a DTensor norm
+            grad_norm = grad_norm.full_tensor()
         return grad_norm.detach()
 
     def inner_step(self) -> dict[str, float]:

@@ -3,8 +3,8 @@
 
 A checkpoint holds the saved models, ``bilevel_state.pt`` (the solver's variables and optimisers, the
 learning-rate schedules, the label count, the judge's statistics, the replayed labels), the
-``TrainerState`` and one random state per process (and, under DeepSpeed, one optimiser shard per
-process). It is written to a temporary folder and renamed; ``save_total_limit`` keeps the newest ones.
+``TrainerState`` and one random state per process (and, under DeepSpeed and FSDP, one optimiser shard
+per process). It is written to a temporary folder and renamed; ``save_total_limit`` keeps the newest ones.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ class CheckpointMixin:
         ``reward_model/`` holds the full reward model, or with ``reward_peft_config`` its adapter (LoRA and
         score head): load it with ``PeftModel.from_pretrained(base_reward_model, ".../reward_model")``, or
         ``AutoPeftModelForSequenceClassification`` when the base came from a hub id or a folder.
-        Under ZeRO-3 every process must call it (the models are gathered); process 0 writes them."""
+        Under ZeRO-3 and FSDP every process must call it (the models are gathered); process 0 writes them."""
         output_dir = output_dir or self.args.output_dir
-        states: dict[str, Any] = {}  # ZeRO-3: every process gathers the partitioned models, process 0 writes
-        if self.zero3:
+        states: dict[str, Any] = {}  # ZeRO-3, FSDP: all processes gather the sharded models, process 0 writes
+        if self.zero3 or self.fsdp:
             keep = self.is_world_process_zero()
             states = {name: full_state_dict(m, keep) for name, m in self.policies.models.items()}
             states["reward_model"] = full_state_dict(self.reward_model, keep)
@@ -127,9 +127,9 @@ class CheckpointMixin:
             torch.save(state, os.path.join(tmp, STATE_NAME))
             self.state.save_to_json(os.path.join(tmp, "trainer_state.json"))
         torch.save(self._rng_state(), os.path.join(tmp, f"rng_state_{self.rank}.pt"))
-        if self.zero_config is not None:  # each process's shard of the three optimiser states
+        if self._shard_file():  # each process's shard of the three optimiser states
             shards = {k: state["solver"][k] for k in OPTIMIZERS}
-            torch.save(shards, os.path.join(tmp, f"zero_optimizer_states_{self.rank}.pt"))
+            torch.save(shards, os.path.join(tmp, self._shard_file()))
         barrier(self.world_size)
         if self.is_world_process_zero():
             shutil.rmtree(final, ignore_errors=True)
@@ -137,13 +137,16 @@ class CheckpointMixin:
             rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)
         barrier(self.world_size)
 
+    def _shard_file(self) -> str | None:
+        """The file of this process's optimiser shards (DeepSpeed, FSDP), or None (replicated optimisers)."""
+        if self.zero_config is not None:
+            return f"zero_optimizer_states_{self.rank}.pt"
+        return f"fsdp_optimizer_states_{self.rank}.pt" if self.fsdp else None
+
     def _load_checkpoint(self, path: str) -> None:
         state = torch.load(os.path.join(path, STATE_NAME), weights_only=False)
-        if self.zero_config is not None:
-            shards = torch.load(
-                os.path.join(path, f"zero_optimizer_states_{self.rank}.pt"), weights_only=False
-            )
-            state["solver"].update(shards)
+        if self._shard_file():
+            state["solver"].update(torch.load(os.path.join(path, self._shard_file()), weights_only=False))
         self.solver.load_state_dict({**state["solver"], "rng": None}, restore_rng=False)
         load_schedulers(self.lr_schedulers, state.get("lr_schedulers"))
         self.labels_used = state["labels_used"]

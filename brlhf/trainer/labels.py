@@ -77,9 +77,9 @@ class LabelsMixin:
         if self.args.label_replay:
             self._replay(rollout, chosen, rejected)
         device = rollout.logprobs.device if rollout is not None else None
-        if not chosen and self.zero3 and count[0] > 0:
-            # ZeRO-3: other processes make forward passes on their pairs (gathering the reward model's and
-            # y's weights, a collective), so this one makes the same passes on a placeholder pair with
+        if not chosen and (self.zero3 or self.fsdp) and count[0] > 0:
+            # ZeRO-3 / FSDP: other processes make forward passes on their pairs (gathering the reward model's
+            # and y's weights, a collective), so this one makes the same passes on a placeholder pair with
             # weight 0: one row twice, whose gradient is exactly zero
             row = torch.zeros(1, dtype=torch.long, device=device)
             return LabelledPairs(rollout, row, row, weight=0.0)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from brlhf.trainer.fsdp import full_value, load_full
 from brlhf.trainer.zero import gathered, is_partitioned
 
 
@@ -33,9 +34,10 @@ def has_adapters(model: nn.Module) -> bool:
 
 
 class PolicyView:
-    """One copy of the lower variable as the solver sees it (or, under ZeRO-3, the reward model's trainable
-    tensors): its tensors, state_dict and load_state_dict. ZeRO-3-partitioned tensors are gathered one by one
-    (collective: every process must call these); their state_dict is on the CPU."""
+    """One copy of the lower variable as the solver sees it (or, under ZeRO-3 and FSDP, the reward model's
+    trainable tensors): its tensors, state_dict and load_state_dict. ZeRO-3-partitioned and FSDP-sharded
+    tensors are gathered one by one (collective: every process must call these); their state_dict is on the
+    CPU, and load_state_dict takes process 0's values."""
 
     def __init__(self, name: str, params: dict[str, Tensor]) -> None:
         if not params:
@@ -52,14 +54,14 @@ class PolicyView:
         out = {}
         for n, p in self._params.items():
             with gathered([p]):
-                out[n] = p.detach().cpu().clone() if is_partitioned(p) else p.detach().clone()
+                out[n] = p.detach().cpu().clone() if is_partitioned(p) else full_value(p).clone()
         return out
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         with torch.no_grad():
             for n, p in self._params.items():
                 with gathered([p], modifier_rank=0):
-                    p.copy_(state[n])
+                    load_full(p, state[n])
 
 
 class PolicyPair:

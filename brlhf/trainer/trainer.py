@@ -20,11 +20,13 @@ that outer step; the reward step reuses the last inner step's samples of each co
 ``fresh_rollouts_for_upper``.
 
 Distribution: one device, DDP (the trainer all-reduces each variable's gradients), DeepSpeed ZeRO-1/2
-(one engine per variable over its tensors) and ZeRO-3 with ``full_finetuning`` only (one engine per
-variable over its own model, the reference in an inference engine; see :mod:`brlhf.trainer.zero`). FSDP
-is refused. Every process takes the same decisions and makes the same forward passes (ZeRO-3 gathers
-weights collectively): the value gap the solver acts on is the mean over processes, replayed labels are
-pooled over processes, and a process without labels in a step scores a weight-0 placeholder pair.
+(one engine per variable over its tensors), ZeRO-3 with ``full_finetuning`` only (one engine per
+variable over its own model, the reference in an inference engine; see :mod:`brlhf.trainer.zero`) and
+FSDP2 with ``full_finetuning`` only (``y``, ``z``, the reward model and the reference each sharded as a
+module of its own; see :mod:`brlhf.trainer.fsdp`). Every process takes the same decisions and makes the same
+forward passes (ZeRO-3 and FSDP gather weights collectively): the value gap the solver acts on is the
+mean over processes, replayed labels are pooled over processes, and a process without labels in a step
+scores a weight-0 placeholder pair.
 
 This module holds the trainer's core: its construction, the solver's closures and batches, the rollouts
 and the training loop. The rest lives beside it: the inputs' checks and the reward model's loading in
@@ -56,6 +58,7 @@ from brlhf.trainer import schedules
 from brlhf.trainer.checkpoint import CheckpointMixin, last_checkpoint
 from brlhf.trainer.config import BilevelRLHFConfig
 from brlhf.trainer.distributed import average_gradients, mean_over_processes, process_mean, world
+from brlhf.trainer.fsdp import check_fsdp, fsdp_version, shard, sharded_optimizer, unsharded
 from brlhf.trainer.inputs import (
     check_preferences,
     check_prompts,
@@ -168,11 +171,9 @@ class BilevelRLHFTrainer(CheckpointMixin, LabelsMixin, Trainer):
             data_collator=lambda rows: rows,
             callbacks=callbacks,
         )
-        if self.is_fsdp_enabled:
-            raise NotImplementedError(
-                "BilevelRLHFTrainer runs on one device, data-parallel (DDP), DeepSpeed ZeRO-1/2, or ZeRO-3 "
-                "with full_finetuning=True; FSDP is not supported yet"
-            )
+        self.fsdp = fsdp_version(self.accelerator) is not None
+        if self.fsdp:
+            check_fsdp(fsdp_version(self.accelerator), args.full_finetuning)
         self.zero_config = None
         if self.is_deepspeed_enabled:
             self.zero_config = zero_config(
@@ -193,6 +194,11 @@ class BilevelRLHFTrainer(CheckpointMixin, LabelsMixin, Trainer):
         if args.full_finetuning:
             for m in (*self.policies.models.values(), self.policies.ref_model):
                 m.to(device)
+        if self.fsdp:  # one FSDP module per variable (and the reference); y and z see the sharded tensors
+            for m in (self.reward_model, *self.policies.models.values(), self.policies.ref_model):
+                shard(m)
+            self.policies.y = PolicyView("y", dict(self.policies.models["y"].named_parameters()))
+            self.policies.z = PolicyView("z", dict(self.policies.models["z"].named_parameters()))
         self.rank, self.world_size = world()
         if args.labels_per_step % self.world_size:
             raise ValueError(
@@ -242,11 +248,13 @@ class BilevelRLHFTrainer(CheckpointMixin, LabelsMixin, Trainer):
         )
         if self.zero_config is not None:  # one DeepSpeed engine per variable
             adam = functools.partial(zero_optimizer, adam, self.zero_config, self._zero3_modules())
+        elif self.fsdp:  # each process saves and loads its shard of the optimiser states
+            adam = functools.partial(sharded_optimizer, adam)
         # x: the reward model's trainable tensors; with a LoRA reward model only the adapter and the head
         # (a view, so that checkpoints hold these tensors and not the frozen base weights)
         upper = (
             PolicyView("x", {n: p for n, p in self.reward_model.named_parameters() if p.requires_grad})
-            if self.reward_is_lora or self.zero3  # ZeRO-3: a view gathers the partitioned tensors
+            if self.reward_is_lora or self.zero3 or self.fsdp  # a view gathers sharded tensors
             else self.reward_model
         )
         return PenaltySolver(
@@ -280,6 +288,9 @@ class BilevelRLHFTrainer(CheckpointMixin, LabelsMixin, Trainer):
         if self.zero_config is not None:
             engine = next(o for o in self._optimizers() if o.owns(list(params)))
             engine.backward(loss)
+            return
+        if self.fsdp:  # the sharded tensors are not in the graph; FSDP reduce-scatters (averages) gradients
+            loss.backward()
             return
         loss.backward(inputs=list(params))
         average_gradients(params, self.world_size)
@@ -390,7 +401,10 @@ class BilevelRLHFTrainer(CheckpointMixin, LabelsMixin, Trainer):
     def _for_generation(self, policy: nn.Module) -> Any:
         """Context giving the model to sample from: under ZeRO-3 the engine's module with all its parameters
         gathered and the partitioning hooks removed (TRL's helper), so that generation makes no collective
-        call and each process may stop at its own EOS; otherwise ``policy`` itself."""
+        call and each process may stop at its own EOS; under FSDP the module with every unit unsharded
+        (:func:`~brlhf.trainer.fsdp.unsharded`); otherwise ``policy`` itself."""
+        if self.fsdp:
+            return unsharded(policy)
         if not self.zero3:
             return contextlib.nullcontext(policy)
         return unwrap_model_for_generation(policy, self.accelerator)
@@ -620,7 +634,7 @@ class BilevelRLHFTrainer(CheckpointMixin, LabelsMixin, Trainer):
         temperature: float | None = None,
     ) -> list[str]:
         """Sampled completions of ``policy`` (``"y"``, ``"z"`` or ``"reference"``) for ``prompts``. Under
-        ZeRO-3 it gathers the policy's weights: every process must call it."""
+        ZeRO-3 and FSDP it gathers the policy's weights: every process must call it."""
         tok = self.processing_class
         ids, mask = encode_prompts(prompts, tok, self.args.device)
         out, _ = self._sample(

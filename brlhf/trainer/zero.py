@@ -184,11 +184,14 @@ def gathered(params: Iterable[Tensor], modifier_rank: int | None = None) -> Any:
 
 
 def full_state_dict(module: nn.Module, keep: bool = True) -> dict[str, Tensor]:
-    """``module``'s state dict on the CPU, every ZeRO-3-partitioned tensor gathered one by one (collective:
-    every process must call it; those with ``keep=False`` only take part and get ``{}``)."""
+    """``module``'s state dict on the CPU, every ZeRO-3-partitioned or FSDP-sharded tensor gathered one by one
+    (collective: every process must call it; those with ``keep=False`` only take part and get ``{}``)."""
+    from brlhf.trainer.fsdp import full_value
+
     out = {}
     for name, t in module.state_dict(keep_vars=True).items():
         with gathered([t]):
+            value = full_value(t)
             if keep:
-                out[name] = t.detach().cpu().clone()
+                out[name] = value.cpu().clone()
     return out
