@@ -4,7 +4,8 @@
 
 Left: walker_walk, true episode return of ``y`` (bilevel) / the agent (PEBBLE); right: door_open, success
 rate in %. Also prints (and writes next to the figure as ``table.md``) the final value and the area under
-the curve (the mean of the evaluation points) per method and task, mean ± std over seeds.
+the curve (the mean of the evaluation points) per method and task, mean ± std over seeds, on the
+evaluation steps every seed has reached (``steps``: the last of them, so unfinished runs show as such).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def summary(values: np.ndarray) -> tuple[str, str]:
 
 def plot(root: Path, preset: str, out: Path) -> str:
     fig, axes = plt.subplots(1, len(TASKS), figsize=(5 * len(TASKS), 3.6))
-    lines = ["| task | method | seeds | final | AUC |", "|---|---|---|---|---|"]
+    lines = ["| task | method | seeds | steps | final | AUC |", "|---|---|---|---|---|---|"]
     for ax, env in zip(axes, TASKS):
         cfg_labels = {"walker_walk": 100, "door_open": 1000}[env]
         for method, name in METHODS.items():
@@ -57,7 +58,7 @@ def plot(root: Path, preset: str, out: Path) -> str:
             ax.plot(steps, mean, label=f"{name} (n={len(values)})")
             ax.fill_between(steps, mean - std, mean + std, alpha=0.25)
             final, auc = summary(values)
-            lines.append(f"| {env} | {name} | {len(values)} | {final} | {auc} |")
+            lines.append(f"| {env} | {name} | {len(values)} | {steps[-1]} | {final} | {auc} |")
         ax.set_title(f"{TITLES[env]} (feedback = {cfg_labels})")
         ax.set_xlabel("environment steps")
         ax.set_ylabel("episode return" if TASKS[env].metric == "return" else "success rate (%)")
