@@ -15,23 +15,33 @@ from brlhf.problems import QuadraticProblem, Vector
 SGD = functools.partial(torch.optim.SGD, lr=0.1)
 
 
+def problem_solver(problem: QuadraticProblem, x: torch.Tensor, lower, **kwargs) -> PenaltySolver:
+    """A solver on ``problem``'s closures at ``x`` and its batches (optimisers and config in ``kwargs``)."""
+    upper_loss, lower_loss = problem.closures(x)
+    return PenaltySolver(
+        [x],
+        lower,
+        upper_loss=upper_loss,
+        lower_loss=lower_loss,
+        upper_batches=problem.upper_batch,
+        lower_batches=problem.lower_batch,
+        **kwargs,
+    )
+
+
 def make_solver(
     noise: float = 0.3, seed: int = 0, own_generator: bool = True, **config
 ) -> tuple[PenaltySolver, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed) if own_generator else None  # None: torch's global RNG
     problem = QuadraticProblem.random(dim_x=3, dim_y=4, seed=seed, noise=noise, batch_size=2, generator=gen)
     x, lower = problem.init()
-    upper_loss, lower_loss = problem.closures(x)
-    solver = PenaltySolver(
-        [x],
+    solver = problem_solver(
+        problem,
+        x,
         lower,
-        upper_loss=upper_loss,
-        lower_loss=lower_loss,
         upper_optimizer=functools.partial(torch.optim.Adam, lr=0.05),
         lower_optimizer=functools.partial(torch.optim.Adam, lr=0.05),
         config=PenaltyConfig(**{"lam": 10.0, "inner_steps": 3, **config}),
-        upper_batches=problem.upper_batch,
-        lower_batches=problem.lower_batch,
     )
     return solver, x
 
@@ -287,18 +297,14 @@ def _scalar_quadratic_solver(pure_lr: float, keep_better_pure: bool, x0: float =
     x, lower = problem.init()
     with torch.no_grad():
         x.fill_(x0)
-    upper_loss, lower_loss = problem.closures(x)
-    return PenaltySolver(
-        [x],
+    return problem_solver(
+        problem,
+        x,
         lower,
-        upper_loss=upper_loss,
-        lower_loss=lower_loss,
         upper_optimizer=functools.partial(torch.optim.SGD, lr=0.05),
         penalised_optimizer=functools.partial(torch.optim.SGD, lr=0.1),
         pure_optimizer=functools.partial(torch.optim.SGD, lr=pure_lr),
         config=PenaltyConfig(lam=10.0, inner_steps=5, keep_better_pure=keep_better_pure, gap_patience=None),
-        upper_batches=problem.upper_batch,
-        lower_batches=problem.lower_batch,
     )
 
 

@@ -7,30 +7,11 @@ Run as a test (it launches itself with ``accelerate launch``) or directly:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _digest(tensors) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().contiguous().numpy().tobytes())
-    return h.hexdigest()
+from two_processes import digest, launch, spaces_judge, tiny_setup, trainer_args, write_record
 
 
 def _reference_rates(bases: list[float], schedule: str, warmup: int, steps: int) -> list[list[float]]:
@@ -49,33 +30,16 @@ def _reference_rates(bases: list[float], schedule: str, warmup: int, steps: int)
 
 
 def worker(out_dir: str, backend: str) -> None:
-    import torch
     from datasets import Dataset
 
-    from brlhf.judges import FunctionJudge
-    from brlhf.tiny import build_tiny_policy, build_tiny_reward_model, build_tiny_tokenizer, tiny_lora_config
+    from brlhf.tiny import build_tiny_policy, build_tiny_reward_model, tiny_lora_config
     from brlhf.trainer import BilevelRLHFConfig, BilevelRLHFTrainer
 
-    torch.set_num_threads(1)
-    with open(os.path.join(REPO, "recipes", "data", "prompts.jsonl")) as fh:
-        prompts = [json.loads(line)["prompt"] for line in fh]
-    tokenizer = build_tiny_tokenizer([p[0]["content"] for p in prompts], vocab_size=200)
-    args = dict(
-        output_dir=out_dir,
-        max_steps=3,
-        per_device_train_batch_size=2,
-        num_generations=4,
-        max_completion_length=6,
-        labels_per_step=4,
-        learning_rate=1e-2,
-        reward_learning_rate=1e-2,
+    prompts, tokenizer = tiny_setup()
+    args = trainer_args(
+        out_dir,
         use_cpu=backend == "ddp",  # DeepSpeed picks its CPU accelerator itself
-        ddp_backend="gloo",
-        report_to="none",
-        disable_tqdm=True,
-        save_strategy="steps",
-        save_steps=2,
-        inner_steps=2,
+        learning_rate=1e-2,
         lr_scheduler_type="cosine",  # rates that change every step: the schedules must resume exactly
         warmup_steps=1,
     )
@@ -87,7 +51,7 @@ def worker(out_dir: str, backend: str) -> None:
             build_tiny_policy(tokenizer, hidden=32, layers=1),
             build_tiny_reward_model(tokenizer, hidden=32, layers=1),
             BilevelRLHFConfig(**{**args, **overrides}),
-            judge=FunctionJudge(lambda p, c: c.count(" ") / max(len(c), 1)),
+            judge=spaces_judge(),
             train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
             processing_class=tokenizer,
             peft_config=tiny_lora_config(4),
@@ -99,7 +63,7 @@ def worker(out_dir: str, backend: str) -> None:
         )
 
     trainer = build()
-    before = _digest(trainer.policies.z.parameters())
+    before = digest(trainer.policies.z.parameters())
     trainer.train()
     # stop at the step-2 checkpoint and resume in new trainer: the same numbers as the uninterrupted run
     resumed = build(output_dir=os.path.join(out_dir, "resumed"))
@@ -108,15 +72,15 @@ def worker(out_dir: str, backend: str) -> None:
         (v.policies.y.parameters(), v.policies.z.parameters(), v.reward_model.parameters())
         for v in (trainer, resumed)
     ]
-    same_after_resume = all(_digest(a) == _digest(b) for a, b in zip(*variables))
+    same_after_resume = all(digest(a) == digest(b) for a, b in zip(*variables))
     record = {
         "rank": trainer.rank,
         "zero": trainer.zero_config is not None,
         "world_size": trainer.world_size,
         "labels_used": trainer.labels_used,
-        "y": _digest(trainer.policies.y.parameters()),
-        "z": _digest(trainer.policies.z.parameters()),
-        "x": _digest(trainer.reward_model.parameters()),
+        "y": digest(trainer.policies.y.parameters()),
+        "z": digest(trainer.policies.z.parameters()),
+        "x": digest(trainer.reward_model.parameters()),
         "z_before": before,
         "prompts": [str(p) for p in trainer._rollouts["y"].prompts],
         "value_gap": trainer.state.log_history[-1]["value_gap"],
@@ -125,8 +89,7 @@ def worker(out_dir: str, backend: str) -> None:
         "lr_resumed": [[h[f"lr/{v}"] for v in "xyz"] for h in resumed.state.log_history],
         "lr_reference": _reference_rates([1e-2, 1e-2, 1e-2], "cosine", 1, 3),
     }
-    with open(os.path.join(out_dir, f"rank{trainer.rank}.json"), "w") as fh:
-        json.dump(record, fh)
+    write_record(out_dir, trainer.rank, record)
 
 
 @pytest.mark.parametrize("backend", ["ddp", "zero2"])
@@ -134,26 +97,7 @@ def test_two_cpu_processes_stay_in_sync(tmp_path, backend):
     if backend == "zero2":
         pytest.importorskip("deepspeed")
     config = {"ddp": "cpu_ddp.yaml", "zero2": "cpu_zero2.yaml"}[backend]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        os.path.join(REPO, "accelerate_configs", config),
-        "--main_process_port",
-        str(_free_port()),
-        os.path.abspath(__file__),
-        str(tmp_path),
-        backend,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = launch(__file__, tmp_path, config, backend, timeout=300)
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert [r["zero"] for r in ranks] == [backend == "zero2"] * 2
     for key in ("x", "y", "z", "labels_used", "value_gap"):

@@ -14,8 +14,10 @@ def spaces(prompt, completion: str) -> float:
     return completion.count(" ") / max(len(completion), 1)
 
 
-def make_trainer(args_factory, policy, reward_model, tokenizer, prompts, **overrides):
-    return BilevelRLHFTrainer(
+@pytest.fixture
+def make_trainer(args_factory, policy, reward_model, tokenizer, prompts):
+    """``make_trainer(**overrides)``: a LoRA trainer on this test's tiny models and prompts (spaces judge)."""
+    return lambda **overrides: BilevelRLHFTrainer(
         policy,
         reward_model,
         args_factory(**overrides),
@@ -41,10 +43,8 @@ def moved(before, after) -> set[str]:
     return {k for k in before if any(not torch.equal(a, b) for a, b in zip(before[k], after[k]))}
 
 
-def test_each_update_moves_only_its_own_variable(
-    args_factory, tmp_path, policy, reward_model, tokenizer, prompts
-):
-    trainer = make_trainer(args_factory, policy, reward_model, tokenizer, prompts, inner_steps=2)
+def test_each_update_moves_only_its_own_variable(make_trainer, tmp_path):
+    trainer = make_trainer(inner_steps=2)
     solver = trainer.solver
     assert all(
         torch.equal(a, b) for a, b in zip(trainer.policies.y.parameters(), trainer.policies.z.parameters())
@@ -75,10 +75,8 @@ def test_each_update_moves_only_its_own_variable(
         assert norm > 0, f"{name} got no gradient (frozen adapter?)"
 
 
-def test_updates_stay_in_adapters_and_reference_is_fixed(
-    args_factory, tmp_path, policy, reward_model, tokenizer, prompts
-):
-    trainer = make_trainer(args_factory, policy, reward_model, tokenizer, prompts, max_steps=3)
+def test_updates_stay_in_adapters_and_reference_is_fixed(make_trainer, tmp_path):
+    trainer = make_trainer(max_steps=3)
     before = snapshot(trainer)
     with torch.no_grad(), trainer.policies.reference() as ref:
         ids = torch.tensor([[5, 6, 7, 8]])
@@ -94,15 +92,8 @@ def test_updates_stay_in_adapters_and_reference_is_fixed(
 
 
 @pytest.mark.parametrize("penalised_upper_grad", [False, True])
-def test_y_equals_z_without_the_upper_gradient(
-    args_factory, tmp_path, policy, reward_model, tokenizer, prompts, penalised_upper_grad
-):
+def test_y_equals_z_without_the_upper_gradient(make_trainer, tmp_path, penalised_upper_grad):
     trainer = make_trainer(
-        args_factory,
-        policy,
-        reward_model,
-        tokenizer,
-        prompts,
         max_steps=4,
         penalised_upper_grad=penalised_upper_grad,
         lam=1.0,
@@ -178,12 +169,8 @@ def test_label_budget_is_counted_once_per_pair_and_stops(
     assert trainer.state.log_history[-1]["labels/step"] == 0
 
 
-def test_skipping_shared_samples_gives_the_same_reward_gradient(
-    args_factory, policy, reward_model, tokenizer, prompts
-):
-    trainer = make_trainer(
-        args_factory, policy, reward_model, tokenizer, prompts, lam=0.2, per_device_train_batch_size=8
-    )
+def test_skipping_shared_samples_gives_the_same_reward_gradient(make_trainer):
+    trainer = make_trainer(lam=0.2, per_device_train_batch_size=8)
     for _ in range(6):  # let y drift from z so that some samples differ, some coincide
         trainer.outer_step()
     trainer.solver.inner_step()
@@ -207,19 +194,10 @@ def test_skipping_shared_samples_gives_the_same_reward_gradient(
     assert any(g.abs().sum() > 0 for g in grads_full)
 
 
-def test_a_lagging_z_is_restarted_from_y(args_factory, policy, reward_model, tokenizer, prompts):
+def test_a_lagging_z_is_restarted_from_y(make_trainer):
     """With z frozen (learning rate 0, β = 0) y soon beats z at g; keep_better_pure (the default) then copies
     y's adapter into z's (different tensor names: copied in order) and skips that step's penalty term."""
-    trainer = make_trainer(
-        args_factory,
-        policy,
-        reward_model,
-        tokenizer,
-        prompts,
-        learning_rate=0.0,
-        penalised_learning_rate=5e-2,
-        beta=0.0,
-    )
+    trainer = make_trainer(learning_rate=0.0, penalised_learning_rate=5e-2, beta=0.0)
     assert trainer.args.keep_better_pure
     solver = trainer.solver
     for _ in range(12):
