@@ -11,16 +11,22 @@ preference queries, ties broken by a seeded coin so every query is a label, and 
 Methods, each with the same judge, label budget, base model (per seed), adapters (LoRA on the linear
 layers plus, by default, a trained copy of the LM head: ``--no-train_head`` leaves the head frozen, and
 then no method, not even RLOO on the gold score, moves the tiny random model much in this many updates),
-β, sampling temperature, completion length and number of policy updates (``budget / labels_per_step``):
+β, sampling temperature, completion length, number of policy updates (``budget / labels_per_step``) and
+constant learning rate (TrainingArguments' default linear decay would give TRL's trainers half the
+average step of brlhf's constant one; with it online DPO reached gold 0.36 instead of 0.998 on seed 0):
 
 * ``brlhf``: ``BilevelRLHFTrainer`` (Algorithm 1) with λ = 10 and ``keep_better_pure`` (when a reward
   step measures ``g(x, y) < g(x, z)``, z lags behind y at its own objective: that step's penalty term is
   skipped and z ← y), labels on pairs of y's own samples, every label replayed in later reward steps
   (``label_replay``; ``RewardTrainer`` too sees each label once per epoch).
-* ``brlhf_lam1``: the same with λ = 1. ``brlhf_unguarded_lam1``, ``brlhf_unguarded_lam10``,
-  ``brlhf_unguarded_eta_small``: plain Algorithm 1 without the guard (λ = 1, λ = 10, and λ = 1 with a
-  reward step size η = 1e-4, 30x below the policies': two time scales). Without the guard a lagging z
-  lets the reward step drive the value gap far below zero (r_x learns to tell y's samples from z's).
+* ``brlhf_lam1``: the same with λ = 1. ``brlhf_lam_growing``: λ grows along the run, λ_t = (1 + t)^0.5
+  capped at 30 (the increasing schedule of the paper's references). ``brlhf_k4``: K = 4 inner (policy)
+  steps per reward step, each reward step on 4x the labels: the same labels, policy updates and
+  generated tokens as K = 1, in a quarter of the reward steps. ``brlhf_unguarded_lam1``,
+  ``brlhf_unguarded_lam10``, ``brlhf_unguarded_eta_small``: plain Algorithm 1 without the guard (λ = 1,
+  λ = 10, and λ = 1 with a reward step size η = 1e-4, 30x below the policies': two time scales).
+  Without the guard a lagging z lets the reward step drive the value gap far below zero (r_x learns to
+  tell y's samples from z's).
 * ``brlhf_no_penalty``: ``penalised_upper_grad=False``. Then y ≡ z exactly (common random numbers), the
   value-gap term vanishes and the reward step is the plain Bradley-Terry fit on online labels of the
   policy's own samples, the policy trained on the current reward model: the issue's "λ = 0".
@@ -29,6 +35,9 @@ then no method, not even RLOO on the gold score, moves the tiny random model muc
   one run per label budget in ``--rm_fractions`` of the budget.
 * ``online_dpo``: TRL's ``OnlineDPOTrainer`` (``trl.experimental.online_dpo``) with a reward function
   that asks the judge about each generated pair (one label per pair).
+* ``<method>_half`` (for ``brlhf``, ``brlhf_no_penalty``, ``online_dpo``): the same method and the same
+  number of policy updates with half the labels per update (half the budget in all): a method that
+  learns a reward model can spend fewer labels per update; online DPO gets the same chance.
 * ``gold_rloo``: not a competitor: ``RLOOTrainer`` on ``--gold_scale`` x the gold score itself (no
   labels), to tell a label-limited setting from a policy-limited one.
 
@@ -65,15 +74,21 @@ PROMPTS = os.path.join(REPO, "recipes", "data", "prompts.jsonl")
 BRLHF_VARIANTS: dict[str, dict[str, Any]] = {  # overrides of the brlhf options; remedies of issue 5
     "brlhf": {"lam": 10.0, "keep_better_pure": True},
     "brlhf_lam1": {"lam": 1.0, "keep_better_pure": True},
+    "brlhf_lam_growing": {"lam": 1.0, "lam_power": 0.5, "lam_max": 30.0, "keep_better_pure": True},
+    "brlhf_k4": {"lam": 10.0, "keep_better_pure": True, "inner_steps": 4},
     "brlhf_unguarded_lam1": {"lam": 1.0, "keep_better_pure": False},
     "brlhf_unguarded_lam10": {"lam": 10.0, "keep_better_pure": False},
     "brlhf_unguarded_eta_small": {"lam": 1.0, "keep_better_pure": False, "reward_learning_rate": 1e-4},
     "brlhf_no_penalty": {"penalised_upper_grad": False},
 }
-METHODS = (*BRLHF_VARIANTS, "rm_then_rloo", "online_dpo", "gold_rloo")
+HALF = "_half"  # suffix: the same method and number of policy updates with half the labels per update
+HALF_RATE = ("brlhf", "brlhf_no_penalty", "online_dpo")
+METHODS = (*BRLHF_VARIANTS, "rm_then_rloo", "online_dpo", "gold_rloo", *(m + HALF for m in HALF_RATE))
 LABELS = {
     "brlhf": "brlhf (BilevelRLHFTrainer, λ = 10)",
     "brlhf_lam1": "brlhf, λ = 1",
+    "brlhf_lam_growing": "brlhf, λ_t = (1 + t)^0.5 (≤ 30)",
+    "brlhf_k4": "brlhf, λ = 10, K = 4 inner steps",
     "brlhf_unguarded_lam1": "brlhf, λ = 1, no z ← y guard",
     "brlhf_unguarded_lam10": "brlhf, λ = 10, no z ← y guard",
     "brlhf_unguarded_eta_small": "brlhf, λ = 1, no guard, reward lr 1e-4",
@@ -82,7 +97,12 @@ LABELS = {
     "online_dpo": "OnlineDPOTrainer + judge",
     "gold_rloo": "RLOOTrainer on the gold score itself (no labels)",
 }
-COMPETITORS = ("brlhf_no_penalty", "rm_then_rloo", "online_dpo")
+LABELS.update({m + HALF: LABELS[m] + ", half the labels per update" for m in HALF_RATE})
+COMPETITORS = ("brlhf_no_penalty", "rm_then_rloo", "online_dpo", *(m + HALF for m in HALF_RATE[1:]))
+
+
+def base_method(method: str) -> str:
+    return method.removesuffix(HALF)
 
 
 # ---------------------------------------------------------------------------------------------- pieces
@@ -251,8 +271,10 @@ def run_one(method: str, seed: int, opts: argparse.Namespace) -> dict[str, Any]:
     policy_path = os.path.join(folder, "policy")
     build_tiny_policy(tokenizer, seed=seed).save_pretrained(policy_path)
     tokenizer.save_pretrained(policy_path)
-    budget, per_step = opts.budget, opts.labels_per_step
-    steps = budget // per_step
+    steps = opts.budget // opts.labels_per_step  # policy updates: the same for every method
+    name, method = method, base_method(method)
+    per_step = opts.labels_per_step // 2 if name.endswith(HALF) else opts.labels_per_step
+    budget = steps * per_step
     common = dict(
         report_to="none",
         disable_tqdm=True,
@@ -262,6 +284,7 @@ def run_one(method: str, seed: int, opts: argparse.Namespace) -> dict[str, Any]:
         seed=seed,
         logging_steps=1,
         learning_rate=opts.policy_lr,
+        lr_scheduler_type="constant",  # brlhf's default (TrainingArguments' linear decay slowed TRL's ~2x)
         beta=opts.beta,
         temperature=1.0,
     )
@@ -274,7 +297,7 @@ def run_one(method: str, seed: int, opts: argparse.Namespace) -> dict[str, Any]:
     def reward_model() -> Any:
         return build_tiny_reward_model(tokenizer, seed=seed + 1)
 
-    result: dict[str, Any] = {"method": method, "seed": seed, "vocab": vocab_hash, "points": []}
+    result: dict[str, Any] = {"method": name, "seed": seed, "vocab": vocab_hash, "points": []}
     if method in BRLHF_VARIANTS:
         from brlhf.trainer import BilevelRLHFConfig, BilevelRLHFTrainer
 
@@ -557,7 +580,7 @@ def verdict(agg: dict[str, dict[int, dict[str, tuple[float, float]]]]) -> str:
             f"{finals[m]['gold'][0]:.4f} (brlhf {finals['brlhf']['gold'][0]:.4f}), "
             f"KL {finals[m]['kl'][0]:.3f}."
         )
-    for variant in [m for m in BRLHF_VARIANTS if m in agg and m != "brlhf_no_penalty"]:
+    for variant in [m for m in agg if m not in COMPETITORS and base_method(m) in BRLHF_VARIANTS]:
         reach = [n for n, row in sorted(agg[variant].items()) if n > 0 and row["gold"][0] >= target]
         if not reach:
             b = finals[variant]
@@ -591,7 +614,8 @@ def write_outputs(results: list[dict[str, Any]], opts: argparse.Namespace, wall_
     agg = aggregate(results)
     seeds = sorted({r["seed"] for r in results})
     grid = sorted(set.intersection(*[set(rows) for rows in agg.values()])) if agg else []
-    header = "| method | " + " | ".join(f"gold @ {n} labels" for n in grid) + " | final win rate | final KL "
+    header = "| method | " + " | ".join(f"gold @ {n} labels" for n in grid)
+    header += " | final gold (labels) | final win rate | final KL "
     header += "| labels used (max) | generated tokens | wall s / run |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for method, rows in agg.items():
@@ -603,6 +627,7 @@ def write_outputs(results: list[dict[str, Any]], opts: argparse.Namespace, wall_
         lines.append(
             f"| {LABELS[method]} | "
             + " | ".join(cells)
+            + f" | {final['gold'][0]:.4f} ± {final['gold'][1]:.4f} ({max(rows)})"
             + f" | {final['win_rate'][0]:.3f} ± {final['win_rate'][1]:.3f}"
             f" | {final['kl'][0]:.3f} ± {final['kl'][1]:.3f}"
             f" | {max(r['labels_used'] for r in runs)} | {tokens:,.0f} | {wall:.0f} |"
@@ -614,8 +639,8 @@ def write_outputs(results: list[dict[str, Any]], opts: argparse.Namespace, wall_
         tokens = _mean_std([float(r["tokens"]) for r in ceiling])[0]
         lines.append(
             f"| {LABELS['gold_rloo']} | "
-            + " | ".join("" for _ in grid[:-1])
-            + f" | {gold[0]:.4f} ± {gold[1]:.4f}"
+            + " | ".join("" for _ in grid)
+            + f" | {gold[0]:.4f} ± {gold[1]:.4f} (0)"
             f" | {win[0]:.3f} ± {win[1]:.3f} | {kl[0]:.3f} ± {kl[1]:.3f} | 0 | {tokens:,.0f} | "
             f"{_mean_std([r['wall_s'] for r in ceiling])[0]:.0f} |"
         )
@@ -666,23 +691,26 @@ def plot(
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 4, figsize=(21, 4.2))
+    colours = dict(zip(METHODS, plt.get_cmap("tab20").colors))
+
+    def style(method: str) -> dict[str, Any]:
+        ls = "--" if method == "rm_then_rloo" else ":" if method.endswith(HALF) else "-"
+        return dict(ls=ls, marker="o", ms=3, color=colours[base_method(method)])
+
     titles = {"gold": "gold reward", "win_rate": "win rate vs reference (gold judge)", "kl": "KL(π || π_ref)"}
     for ax, key in zip(axes, titles):
         for method, rows in agg.items():
             xs = sorted(rows)
             mean = [rows[n][key][0] for n in xs]
             std = [rows[n][key][1] for n in xs]
-            style = "o--" if method == "rm_then_rloo" else "o-"
-            ax.plot(xs, mean, style, label=LABELS[method], ms=3)
-            ax.fill_between(
-                xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.15
-            )
+            ax.plot(xs, mean, label=LABELS[method], **style(method))
+            lo, hi = [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)]
+            ax.fill_between(xs, lo, hi, alpha=0.12, color=colours[base_method(method)])
         ax.set_xlabel("judge labels used")
         ax.set_title(titles[key])
     for method, rows in agg.items():  # the KL-matched view: every curve point, mean over seeds
         xs = sorted(rows)
-        style = "o--" if method == "rm_then_rloo" else "o-"
-        axes[3].plot([rows[n]["kl"][0] for n in xs], [rows[n]["gold"][0] for n in xs], style, ms=3)
+        axes[3].plot([rows[n]["kl"][0] for n in xs], [rows[n]["gold"][0] for n in xs], **style(method))
     axes[3].set_xlabel("KL(π || π_ref)")
     axes[3].set_title("gold reward against KL (points every --eval_every labels)")
     ceiling = [r for r in results if r["method"] == "gold_rloo"]
@@ -749,6 +777,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tag", default="", help="output files label_efficiency.<tag>.* instead of label_efficiency.*"
     )
+    p.add_argument(
+        "--cache",
+        default=os.path.join(REPO, "outputs", "label_efficiency_runs"),
+        help="folder keeping every finished run (keyed by options and code): an interrupted or extended "
+        "benchmark reruns only what is missing; '' turns it off",
+    )
+    p.add_argument("--rerun", action="store_true", help="run again even if the cache has the run")
     p.add_argument("--_worker", nargs=2, default=None, help=argparse.SUPPRESS)
     p.add_argument("--_result", default=None, help=argparse.SUPPRESS)
     return p
@@ -767,6 +802,36 @@ QUICK = dict(
 )
 
 
+_NOT_IN_KEY = {"seeds", "methods", "jobs", "out", "tag", "cache", "rerun", "argv", "_worker", "_result"}
+
+
+def run_key(opts: argparse.Namespace) -> str:
+    """Names the cache folder of finished runs: a hash of every option a run depends on and of the code
+    it runs (this file and ``brlhf/``), so a cached run is reused only for the same run."""
+    h = hashlib.sha1()
+    h.update(json.dumps({k: v for k, v in sorted(vars(opts).items()) if k not in _NOT_IN_KEY}).encode())
+    sources = [os.path.abspath(__file__)]
+    for root, _, files in sorted(os.walk(os.path.join(REPO, "brlhf"))):
+        sources += [os.path.join(root, f) for f in sorted(files) if f.endswith(".py")]
+    for path in sources:
+        with open(path, "rb") as fh:
+            h.update(fh.read())
+    return h.hexdigest()[:12]
+
+
+def _shown_argv(argv: list[str]) -> list[str]:
+    """The command line as the outputs print it: without the options naming folders of this machine."""
+    shown, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--out", "--cache"):
+            skip = True
+        elif not a.startswith(("--out=", "--cache=")):
+            shown.append(a)
+    return shown
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     argv = sys.argv[1:] if argv is None else argv
     parser = make_parser()
@@ -774,6 +839,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if opts.quick:
         parser.set_defaults(**QUICK)
         opts = parser.parse_args(argv)
+    if opts.labels_per_step % 2 and any(m.endswith(HALF) for m in opts.methods):
+        parser.error(f"--labels_per_step {opts.labels_per_step} is odd: the {HALF} methods use half of it")
     if opts._worker:
         method, seed = opts._worker
         with open(opts._result, "w") as fh:
@@ -784,7 +851,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if opts.quick
         else os.path.join(HERE, "results")
     )
-    opts.argv = [a for a in argv if not a.startswith("--out")]
+    opts.argv = _shown_argv(argv)
     t0 = time.time()
     env = {
         **os.environ,
@@ -792,11 +859,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "TRL_EXPERIMENTAL_SILENCE": "1",
         "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
     }
+    cache = os.path.join(opts.cache, run_key(opts)) if opts.cache else None
     jobs = [(m, s) for s in opts.seeds for m in opts.methods]
     with tempfile.TemporaryDirectory() as tmp:
 
         def launch(job: tuple[str, int]) -> dict[str, Any]:
             method, seed = job
+            cached = os.path.join(cache, f"{method}-{seed}.json") if cache else None
+            if cached and os.path.exists(cached) and not opts.rerun:
+                with open(cached) as fh:
+                    res = json.load(fh)
+                print(f"  {method} seed {seed}: cached ({cached})", flush=True)
+                return res
             path = os.path.join(tmp, f"{method}-{seed}.json")
             cmd = [sys.executable, os.path.abspath(__file__), *argv, "--_worker", method, str(seed)]
             proc = subprocess.run(cmd + ["--_result", path], capture_output=True, text=True, env=env)
@@ -804,6 +878,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 raise RuntimeError(f"{method} seed {seed} failed:\n{proc.stderr[-4000:]}")
             with open(path) as fh:
                 res = json.load(fh)
+            if cached:
+                os.makedirs(cache, exist_ok=True)
+                with open(cached + ".tmp", "w") as fh:
+                    json.dump(res, fh)
+                os.replace(cached + ".tmp", cached)
             print(f"  {method} seed {seed}: {res['wall_s']} s, final {res['points'][-1]}", flush=True)
             return res
 

@@ -15,7 +15,9 @@ environment data and the query segments; both learn off-policy from the same rel
   random labelled pairs per ``y`` step (the pairs were collected by earlier ``y`` iterates: no
   importance weights; instead actions more than ``score_trust`` σ away from y's current mean give no
   gradient, and tanh-saturated action dimensions count as censored, see ``Actor.log_prob``). The ``ℓ_n``
-  of all labelled pairs are cached between x steps.
+  of all labelled pairs are cached between x steps. Once every label is spent (one interval after the
+  last session) the term is off (``labels_spent``): x no longer moves, the pairs only grow staler, and
+  y solves ``min_y g(x, y)``.
 
 One outer step of Algorithm 1 is one feedback session: between sessions ``solver.inner_step()`` runs
 once per environment step (K = ``num_interact``); at the session the ensemble takes one
@@ -68,6 +70,7 @@ class BilevelLearner:
         self.z.load_state_dict(self.y.state_dict())  # y0 = z0
         self.ensemble, self.buffer, self.prefs, self.f_pairs = ensemble, buffer, prefs, f_pairs
         self.trust = score_trust
+        self.score_term = True  # ∇_y f on; off once every label is spent (``labels_spent``)
         self.rng = np.random.default_rng([seed, 7])
         self._pending: np.ndarray | None = None
         self._correct: Tensor | None = None
@@ -128,7 +131,7 @@ class BilevelLearner:
     def _pair_batch(self) -> PairBatch | None:
         if self._pending is not None:
             return PairBatch(self._pending, for_x=True)
-        if self.prefs.size == 0:
+        if self.prefs.size == 0 or not self.score_term:
             return None
         return PairBatch(self.rng.integers(0, self.prefs.size, self.f_pairs), for_x=False)
 
@@ -146,6 +149,11 @@ class BilevelLearner:
 
     def start_feedback(self) -> None:
         self.z.load_state_dict(self.y.state_dict())
+
+    def labels_spent(self, keep_score_term: bool) -> None:
+        """Called every step once the last session's interval is over. x no longer moves, so without
+        the ``f/λ`` term (stale pairs) y solves the same ``min_y g(x, y)`` as z."""
+        self.score_term = keep_score_term
 
     def reset_critics(self) -> None:
         """One fresh critic for both (at the first session y = z, so that y0 = z0 still holds after it)."""

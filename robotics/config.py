@@ -50,6 +50,10 @@ class RunConfig:
     lam: float = 10.0
     f_pairs: int = 8  # labelled pairs per y step for the score-function term ∇_y f
     score_trust: float | None = 3.0  # ∇_y f: no gradient from actions > this many σ off y's mean
+    # ∇_y f keeps acting after the last session's interval. Off: once every label is spent the pairs only
+    # grow staler and x no longer moves, so y (like z) solves min_y g(x, y); with it on, reduced walker's y
+    # fell from 148 to 36 between 50k and 100k steps while z rose to 247.
+    score_after_labels: bool = False
     # evaluation and outputs
     eval_every: int = 10_000
     eval_episodes: int = 10

@@ -52,6 +52,9 @@ class PebbleLearner:
     def start_feedback(self) -> None:
         """Called once, at the first feedback session, before the reward is learned."""
 
+    def labels_spent(self, keep_score_term: bool) -> None:
+        """Every label is spent and the last session's interval is over: nothing changes for PEBBLE."""
+
     def reset_critics(self) -> None:
         self.agent.reset_critic()
 

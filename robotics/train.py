@@ -108,6 +108,8 @@ class Trainer:
         elif self.step > start:
             if self.total_feedback < cfg.labels and self.interact_count == cfg.num_interact:
                 self._session(first=False)
+            elif self.total_feedback >= cfg.labels and self.interact_count >= cfg.num_interact:
+                self.learner.labels_spent(keep_score_term=cfg.score_after_labels)
             self.learner.rl_update()
         elif self.step > cfg.seed_steps:
             batch = self.buffer.sample(cfg.sac.batch_size)
@@ -348,6 +350,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="environment steps (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lam", type=float, help="λ of bilevel PEBBLE")
+    p.add_argument(
+        "--score-after-labels",
+        action="store_true",
+        default=None,
+        dest="score_after_labels",
+        help="bilevel PEBBLE: keep y's f/λ term on stale pairs after every label is spent",
+    )
     p.add_argument("--reward-batch", type=int, dest="reward_batch")
     p.add_argument("--num-interact", type=int, dest="num_interact")
     p.add_argument("--segment", type=int)
@@ -373,6 +382,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         "steps",
         "seed",
         "lam",
+        "score_after_labels",
         "reward_batch",
         "num_interact",
         "segment",

@@ -138,3 +138,17 @@ def test_y_step_adds_the_score_function_term_over_lambda():
     for a, b in zip(gf, expected):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert f.item() == pytest.approx(ell.mean().item(), rel=1e-5)
+
+
+def test_once_labels_are_spent_y_takes_the_same_step_as_z():
+    """``labels_spent(False)`` drops ∇_y f: from y = z both take bit-identical steps (x is frozen)."""
+    for keep, same in ((False, True), (True, False)):
+        learner, *_ = _learner(penalised_upper_grad=True, lam=0.1)
+        for _ in range(5):
+            learner.rl_update()
+        learner.z.load_state_dict(learner.y.state_dict())
+        learner.labels_spent(keep_score_term=keep)
+        for _ in range(10):
+            learner.rl_update()
+        y, z = learner.y.actor.state_dict(), learner.z.actor.state_dict()
+        assert all(torch.equal(y[k], z[k]) for k in y) == same

@@ -96,3 +96,12 @@ def test_cli_refuses_before_running(tmp_path, capsys):
     with pytest.raises(SystemExit, match="unknown task"):
         train.main(["--env", "hopper", "--out", str(tmp_path)])
     assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_score_term_switches_off_one_interval_after_the_last_session():
+    cfg = make_config("walker_walk", "brl", "smoke", steps=2600, eval_every=2600)
+    trainer = train.Trainer(cfg)
+    trainer.run(max_steps=cfg.last_session_step + cfg.num_interact)
+    assert trainer.total_feedback == cfg.labels and trainer.learner.score_term
+    trainer.run()
+    assert not trainer.learner.score_term
