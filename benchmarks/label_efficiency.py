@@ -108,12 +108,13 @@ def base_method(method: str) -> str:
 # ---------------------------------------------------------------------------------------------- pieces
 class CountingJudge:
     """The gold judge: the completion with the higher gold score wins, ties by a seeded coin (so every
-    query is a label); ``labels`` counts the pairs it has answered."""
+    query is a label), and with probability ``error`` the answer is flipped (B-Pref's mistake teacher);
+    ``labels`` counts the pairs it has answered."""
 
-    def __init__(self, score: Callable[[Any, str], float], seed: int) -> None:
+    def __init__(self, score: Callable[[Any, str], float], seed: int, error: float = 0.0) -> None:
         import torch
 
-        self.score, self.labels = score, 0
+        self.score, self.labels, self.error = score, 0, error
         self.generator = torch.Generator().manual_seed(seed + 999)
 
     def judge(self, prompts: list[Any], completions: list[tuple[str, str]]) -> list[int]:
@@ -123,7 +124,10 @@ class CountingJudge:
         for p, (a, b) in zip(prompts, completions):
             sa, sb = self.score(p, a), self.score(p, b)
             coin = int(torch.rand((), generator=self.generator).item() < 0.5)
-            out.append(coin if sa == sb else int(sb > sa))
+            answer = coin if sa == sb else int(sb > sa)
+            if self.error > 0 and torch.rand((), generator=self.generator).item() < self.error:
+                answer = 1 - answer
+            out.append(answer)
         self.labels += len(out)
         return out
 
@@ -265,7 +269,7 @@ def run_one(method: str, seed: int, opts: argparse.Namespace) -> dict[str, Any]:
     tokenizer = build_tiny_tokenizer([p[0]["content"] for p in prompts], vocab_size=200)
     vocab_hash = hashlib.sha1(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:10]
     score = GOLD_RULES[opts.gold_rule]
-    judge = CountingJudge(score, seed)
+    judge = CountingJudge(score, seed, opts.judge_error)
     evaluate = Evaluator(tokenizer, prompts, score, opts.eval_samples, opts.completion_length, seed)
     folder = tempfile.mkdtemp(prefix="label_efficiency_")
     policy_path = os.path.join(folder, "policy")
@@ -647,7 +651,8 @@ def write_outputs(results: list[dict[str, Any]], opts: argparse.Namespace, wall_
     table = "\n".join(lines)
     text = verdict(agg)
     setup = (
-        f"Gold rule `{opts.gold_rule}`; label budget {opts.budget}; seeds {seeds} (mean ± std over seeds); "
+        f"Gold rule `{opts.gold_rule}`, judge error rate {opts.judge_error}; label budget {opts.budget}; "
+        f"seeds {seeds} (mean ± std over seeds); "
         f"{opts.budget // opts.labels_per_step} policy updates per run. brlhf: {opts.labels_per_step} labels "
         f"and {opts.prompts_per_step} prompts x {opts.generations} samples per copy and outer step, "
         f"λ={opts.lam}, K={opts.inner_steps}, label replay {opts.label_replay} ({opts.replay_batch_size} "
@@ -760,6 +765,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--rm_fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0])
     p.add_argument("--rm_epochs", type=float, default=4)
     p.add_argument("--gold_rule", default="spaces")
+    p.add_argument("--judge_error", type=float, default=0.0, help="probability that the judge flips a label")
     p.add_argument(
         "--train_head",
         action=argparse.BooleanOptionalAction,
