@@ -98,7 +98,8 @@ LABELS = {
     "gold_rloo": "RLOOTrainer on the gold score itself (no labels)",
 }
 LABELS.update({m + HALF: LABELS[m] + ", half the labels per update" for m in HALF_RATE})
-COMPETITORS = ("brlhf_no_penalty", "rm_then_rloo", "online_dpo", *(m + HALF for m in HALF_RATE[1:]))
+BASE_COMPETITORS = ("brlhf_no_penalty", "rm_then_rloo", "online_dpo")
+COMPETITORS = (*BASE_COMPETITORS, *(m + HALF for m in HALF_RATE if m in BASE_COMPETITORS))
 
 
 def base_method(method: str) -> str:
