@@ -65,6 +65,7 @@ class BilevelLearner:
         seed: int = 0,
         penalised_upper_grad: bool = True,
         score_trust: float | None = 3.0,
+        keep_better_pure: bool = False,
     ) -> None:
         self.y, self.z = SAC(obs_dim, act_dim, sac, buffer.device), SAC(obs_dim, act_dim, sac, buffer.device)
         self.z.load_state_dict(self.y.state_dict())  # y0 = z0
@@ -87,7 +88,10 @@ class BilevelLearner:
             penalised_optimizer=self.y.actor_optimizer,
             pure_optimizer=self.z.actor_optimizer,
             config=PenaltyConfig(
-                lam=lam, penalised_upper_grad=penalised_upper_grad, common_random_numbers=True
+                lam=lam,
+                penalised_upper_grad=penalised_upper_grad,
+                common_random_numbers=True,
+                keep_better_pure=keep_better_pure,
             ),
             upper_batches=self._pair_batch,
             lower_batches=lambda: buffer.sample(sac.batch_size),
@@ -173,6 +177,7 @@ class BilevelLearner:
             "reward_loss": self.last_upper["upper_loss"],
             "value_gap": self.last_upper["value_gap"] / self.ensemble.members,
             "proxy_grad_norm": self.last_upper["proxy_grad_norm"],
+            "pure_restarts": self.last_upper["pure_restarts"],
         }
         return diag, self._correct
 
@@ -183,6 +188,7 @@ class BilevelLearner:
             "rng": self.rng.bit_generator.state,
             "outer_step": self.solver.outer_step,
             "inner_step": self.solver.inner_step_count,
+            "pure_restarts": self.solver.pure_restarts,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -191,3 +197,4 @@ class BilevelLearner:
         self.rng.bit_generator.state = state["rng"]
         self._ell = None
         self.solver.outer_step, self.solver.inner_step_count = state["outer_step"], state["inner_step"]
+        self.solver.pure_restarts = state.get("pure_restarts", 0)

@@ -54,6 +54,11 @@ class RunConfig:
     # grow staler and x no longer moves, so y (like z) solves min_y g(x, y); with it on, reduced walker's y
     # fell from 148 to 36 between 50k and 100k steps while z rose to 247.
     score_after_labels: bool = False
+    # the solver's z ← y guard (PenaltyConfig.keep_better_pure): a reward step that measures
+    # g_x(y) < g_x(z) (r_x rates y's actions above the pure agent z's) skips its penalty term and copies
+    # agent y (actor, critic, optimisers) into z. Without it a lagging z lets r_x learn to tell y's
+    # actions from z's: the value gap ran to -0.84 on reduced walker seed 2.
+    keep_better_pure: bool = False
     # evaluation and outputs
     eval_every: int = 10_000
     eval_episodes: int = 10

@@ -2,10 +2,14 @@
 
     python -m robotics.plot --runs runs --preset reduced --out runs/reduced/figure1.png
 
-Left: walker_walk, true episode return of ``y`` (bilevel) / the agent (PEBBLE); right: door_open, success
-rate in %. Also prints (and writes next to the figure as ``table.md``) the final value and the area under
-the curve (the mean of the evaluation points) per method and task, mean ± std over seeds, on the
-evaluation steps every seed has reached (``steps``: the last of them, so unfinished runs show as such).
+Panels: walker_walk's true episode return of ``y`` (bilevel) / the agent (PEBBLE); door_open's success
+rate in % (the paper's metric) and its true episode return (which moves long before the first success).
+Also prints (and writes next to the figure as ``table.md``) the final value and the area under the curve
+(the mean of the evaluation points) per method, task and metric, mean ± std over seeds, on the evaluation
+steps every seed has reached (``steps``: the last of them, so unfinished runs show as such), and one row
+per run in ``seeds.md``.
+``--extra "LABEL=ROOT:METHOD"`` adds the runs of ``METHOD`` under another root as one more curve (a
+variant, e.g. ``--extra "Bilevel PEBBLE + guard=runs/guard:brl"``).
 """
 
 from __future__ import annotations
@@ -24,11 +28,17 @@ from robotics.envs import TASKS  # noqa: E402
 
 METHODS = {"pebble": "PEBBLE", "brl": "Bilevel PEBBLE"}
 TITLES = {"walker_walk": "Walker-walk", "door_open": "Door Open"}
+PANELS = [("walker_walk", "eval_return"), ("door_open", "eval_success"), ("door_open", "eval_return")]
+YLABELS = {"eval_return": "true episode return", "eval_success": "success rate (%)"}
+Series = tuple[str, Path, str]  # (label, runs root, method)
 
 
-def load_curves(root: Path, preset: str, env: str, method: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(steps [T], values [seeds, T])`` on the evaluation steps that every seed reached."""
-    column = "eval_return" if TASKS[env].metric == "return" else "eval_success"
+def load_curves(
+    root: Path, preset: str, env: str, method: str, column: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps [T], values [seeds, T])`` of ``column`` (default: the task's metric) on the evaluation steps
+    that every seed reached."""
+    column = column or ("eval_return" if TASKS[env].metric == "return" else "eval_success")
     curves = []
     for path in sorted((root / preset / env / method).glob("seed*/metrics.csv")):
         with open(path) as fh:
@@ -45,23 +55,54 @@ def summary(values: np.ndarray) -> tuple[str, str]:
     return f"{final.mean():.1f} ± {final.std():.1f}", f"{auc.mean():.1f} ± {auc.std():.1f}"
 
 
-def plot(root: Path, preset: str, out: Path) -> str:
-    fig, axes = plt.subplots(1, len(TASKS), figsize=(5 * len(TASKS), 3.6))
-    lines = ["| task | method | seeds | steps | final | AUC |", "|---|---|---|---|---|---|"]
-    for ax, env in zip(axes, TASKS):
-        cfg_labels = {"walker_walk": 100, "door_open": 1000}[env]
-        for method, name in METHODS.items():
-            steps, values = load_curves(root, preset, env, method)
+def seed_table(series: list[Series], preset: str) -> str:
+    """One row per run: the last evaluation of the task's metric (``y``'s for bilevel PEBBLE), the mean over
+    evaluations, ``z``'s last value and the number of z ← y copies (bilevel), and the step reached."""
+    lines = [
+        "| task | method | seed | steps | final | AUC | z final | z ← y copies |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for env in TASKS:
+        metric = "eval_return" if TASKS[env].metric == "return" else "eval_success"
+        for name, root, method in series:
+            for path in sorted((root / preset / env / method).glob("seed*/metrics.csv")):
+                with open(path) as fh:
+                    rows = list(csv.DictReader(fh))
+                if not rows:
+                    continue
+                last, auc = rows[-1], np.mean([float(r[metric]) for r in rows])
+                z = last.get(f"z_{metric}") or ""
+                z = f"{float(z):.0f}" if z else ""
+                copies = last.get("pure_restarts") or ""
+                copies = f"{float(copies):.0f}" if copies else ""
+                lines.append(
+                    f"| {env} | {name} | {path.parent.name.removeprefix('seed')} | {last['step']} | "
+                    f"{float(last[metric]):.0f} | {auc:.0f} | {z} | {copies} |"
+                )
+    return "\n".join(lines)
+
+
+def plot(root: Path, preset: str, out: Path, extra: list[Series] = ()) -> str:
+    series = [(name, root, method) for method, name in METHODS.items()] + list(extra)
+    labels = {"walker_walk": 100, "door_open": 1000}
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.6))
+    lines = ["| task | metric | method | seeds | steps | final | AUC |", "|---|---|---|---|---|---|---|"]
+    for ax, (env, column) in zip(axes, PANELS):
+        for name, series_root, method in series:
+            steps, values = load_curves(series_root, preset, env, method, column)
             if values.size == 0:
                 continue
             mean, std = values.mean(0), values.std(0)
-            ax.plot(steps, mean, label=f"{name} (n={len(values)})")
-            ax.fill_between(steps, mean - std, mean + std, alpha=0.25)
+            ax.plot(steps, mean, marker=".", markersize=3, label=f"{name} (n={len(values)})")
+            ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
             final, auc = summary(values)
-            lines.append(f"| {env} | {name} | {len(values)} | {steps[-1]} | {final} | {auc} |")
-        ax.set_title(f"{TITLES[env]} (feedback = {cfg_labels})")
+            metric = column.removeprefix("eval_")
+            lines.append(f"| {env} | {metric} | {name} | {len(values)} | {steps[-1]} | {final} | {auc} |")
+        ax.set_title(f"{TITLES[env]} (feedback = {labels[env]})")
         ax.set_xlabel("environment steps")
-        ax.set_ylabel("episode return" if TASKS[env].metric == "return" else "success rate (%)")
+        ax.set_ylabel(YLABELS[column])
+        if column == "eval_success":
+            ax.set_ylim(-3, 103)
         ax.grid(alpha=0.3)
         if ax.get_lines():
             ax.legend(fontsize=8)
@@ -71,7 +112,19 @@ def plot(root: Path, preset: str, out: Path) -> str:
     plt.close(fig)
     table = "\n".join(lines)
     out.with_name("table.md").write_text(table + "\n")
+    out.with_name("seeds.md").write_text(seed_table(series, preset) + "\n")
     return table
+
+
+def parse_extra(spec: str) -> Series:
+    """``"LABEL=ROOT:METHOD"`` -> ``(LABEL, Path(ROOT), METHOD)``."""
+    label, sep, rest = spec.partition("=")
+    root, colon, method = rest.rpartition(":")
+    if not (sep and colon and label and root) or method not in METHODS:
+        raise SystemExit(
+            f"error: --extra {spec!r}: expected LABEL=ROOT:METHOD with METHOD in {sorted(METHODS)}"
+        )
+    return label, Path(root), method
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,10 +132,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs", default="runs")
     p.add_argument("--preset", default="reduced")
     p.add_argument("--out", help="PNG path (default: <runs>/<preset>/figure1.png)")
+    p.add_argument("--extra", action="append", default=[], help="LABEL=ROOT:METHOD, one more curve")
     args = p.parse_args(argv)
     root = Path(args.runs)
     out = Path(args.out) if args.out else root / args.preset / "figure1.png"
-    print(plot(root, args.preset, out))
+    print(plot(root, args.preset, out, [parse_extra(e) for e in args.extra]))
     print(f"wrote {out}")
 
 

@@ -53,6 +53,7 @@ COLUMNS = [
     "z_eval_success",
     "reward_acc",
     "value_gap",
+    "pure_restarts",
     "sps",
     "wall_s",
 ]
@@ -88,7 +89,12 @@ class Trainer:
             PebbleLearner(*common)
             if cfg.method == "pebble"
             else BilevelLearner(
-                *common, lam=cfg.lam, f_pairs=cfg.f_pairs, seed=cfg.seed, score_trust=cfg.score_trust
+                *common,
+                lam=cfg.lam,
+                f_pairs=cfg.f_pairs,
+                seed=cfg.seed,
+                score_trust=cfg.score_trust,
+                keep_better_pure=cfg.keep_better_pure,
             )
         )
         self.ent_stats = RunningMeanStd()
@@ -184,6 +190,7 @@ class Trainer:
             "train_success": 100.0 * train_success,
             "reward_acc": self.last.get("reward_acc", ""),
             "value_gap": self.last.get("value_gap", ""),
+            "pure_restarts": self.last.get("pure_restarts", ""),
             "sps": sps,
             "wall_s": self.wall,
             **self.evaluate(),
@@ -261,7 +268,8 @@ class Trainer:
         os.replace(tmp, self.out / "checkpoint.pt")
 
     def resume(self) -> bool:
-        """Load ``checkpoint.pt`` if there is one; drop CSV rows written after it. True if resumed."""
+        """Load ``checkpoint.pt`` if there is one; drop CSV rows written after it (the file is rewritten with
+        the current columns, blank where an older version wrote none). True if resumed."""
         if self.out is None or not (self.out / "checkpoint.pt").exists():
             return False
         self.load_state_dict(torch.load(self.out / "checkpoint.pt", map_location="cpu", weights_only=False))
@@ -357,6 +365,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         dest="score_after_labels",
         help="bilevel PEBBLE: keep y's f/λ term on stale pairs after every label is spent",
     )
+    p.add_argument(
+        "--keep-better-pure",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        dest="keep_better_pure",
+        help="bilevel PEBBLE: the z ← y guard (when r_x rates y's actions above z's, copy y into z)",
+    )
     p.add_argument("--reward-batch", type=int, dest="reward_batch")
     p.add_argument("--num-interact", type=int, dest="num_interact")
     p.add_argument("--segment", type=int)
@@ -383,6 +398,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         "seed",
         "lam",
         "score_after_labels",
+        "keep_better_pure",
         "reward_batch",
         "num_interact",
         "segment",

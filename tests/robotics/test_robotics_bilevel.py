@@ -15,7 +15,9 @@ OBS, A, H = 4, 2, 5
 SAC_CFG = SACConfig(hidden_dim=32, hidden_depth=2, batch_size=64, lr=1e-3)
 
 
-def _learner(penalised_upper_grad=True, lam=10.0, optimizer=None, seed=0, score_trust=3.0):
+def _learner(
+    penalised_upper_grad=True, lam=10.0, optimizer=None, seed=0, score_trust=3.0, keep_better_pure=False
+):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     buf = ReplayBuffer(OBS, A, 2000, seed=seed)
@@ -42,6 +44,7 @@ def _learner(penalised_upper_grad=True, lam=10.0, optimizer=None, seed=0, score_
         seed=seed,
         penalised_upper_grad=penalised_upper_grad,
         score_trust=score_trust,
+        keep_better_pure=keep_better_pure,
     )
     # y has been pre-trained alone; the first session starts z from it (y0 = z0)
     for _ in range(5):
@@ -152,3 +155,23 @@ def test_once_labels_are_spent_y_takes_the_same_step_as_z():
             learner.rl_update()
         y, z = learner.y.actor.state_dict(), learner.z.actor.state_dict()
         assert all(torch.equal(y[k], z[k]) for k in y) == same
+
+
+def test_guard_copies_the_whole_agent_y_into_z_when_r_x_rates_y_above_z():
+    """``keep_better_pure``: a reward step with g_x(y) < g_x(z) ends with z = y (actor, critic, target,
+    temperature); a step with g_x(y) >= g_x(z) leaves z as it was. Both branches are exercised."""
+    learner, *_ = _learner(penalised_upper_grad=True, lam=0.1, keep_better_pure=True)
+    seen = {True: 0, False: 0}
+    for step in range(12):
+        for _ in range(5):
+            learner.rl_update()
+        z_before = [{k: v.clone() for k, v in d.items()} for d in _state(learner.z)]
+        diag, _ = learner.reward_step(np.stack([np.arange(16)] * 3))
+        copied = diag["value_gap"] < 0
+        seen[copied] += 1
+        target = _state(learner.y) if copied else z_before
+        for dz, dt in zip(_state(learner.z), target):
+            for k in dz:
+                assert torch.equal(dz[k], dt[k]), (step, copied, k)
+        assert diag["pure_restarts"] == seen[True]
+    assert seen[True] and seen[False], seen

@@ -46,6 +46,7 @@ def test_smoke_run(smoke_runs, env, method):
     assert 0.0 <= float(saved[-1]["eval_success"]) <= 100.0
     if method == "brl":
         assert saved[-1]["z_eval_return"] != "" and saved[-1]["value_gap"] != ""
+        assert saved[-1]["pure_restarts"] != ""
 
 
 def test_resume_reproduces_the_uninterrupted_run(smoke_runs, tmp_path):
@@ -67,10 +68,21 @@ def test_resume_reproduces_the_uninterrupted_run(smoke_runs, tmp_path):
 
 
 def test_plot_draws_both_tasks_from_the_csvs(smoke_runs, tmp_path):
-    table = plot.plot(smoke_runs[0], "smoke", tmp_path / "fig.png")
+    root = smoke_runs[0]
+    extra = plot.parse_extra(f"variant={root}:brl")
+    table = plot.plot(root, "smoke", tmp_path / "fig.png", [extra])
     assert (tmp_path / "fig.png").stat().st_size > 1000
-    assert table.count("| walker_walk |") == 2 and table.count("| door_open |") == 2
+    assert table.count("| walker_walk | return |") == 3
+    assert table.count("| door_open | success |") == 3 and table.count("| door_open | return |") == 3
     assert (tmp_path / "table.md").read_text().strip() == table
+    # the final value in the table is the CSV's last evaluation (one seed: std 0)
+    last = float(_rows(smoke_runs[1]["walker_walk", "brl"][1] / "metrics.csv")[-1]["eval_return"])
+    assert f"| walker_walk | return | variant | 1 | 2000 | {last:.1f} ± 0.0 |" in table
+    seeds = (tmp_path / "seeds.md").read_text()
+    assert seeds.count("| walker_walk |") == 3 and seeds.count("| door_open |") == 3
+    assert f"| walker_walk | variant | 0 | 2000 | {last:.0f} |" in seeds
+    with pytest.raises(SystemExit, match="LABEL=ROOT:METHOD"):
+        plot.parse_extra("no-root")
 
 
 @pytest.mark.parametrize(
@@ -96,6 +108,14 @@ def test_cli_refuses_before_running(tmp_path, capsys):
     with pytest.raises(SystemExit, match="unknown task"):
         train.main(["--env", "hopper", "--out", str(tmp_path)])
     assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_cli_flags_reach_the_config():
+    base = ["--env", "walker_walk", "--method", "brl", "--preset", "reduced"]
+    assert not train.config_from_args(train.parse_args(base)).keep_better_pure  # the preset's value
+    cfg = train.config_from_args(train.parse_args([*base, "--keep-better-pure", "--lam", "3"]))
+    assert cfg.keep_better_pure and cfg.lam == 3.0 and cfg.labels == 100
+    assert not train.config_from_args(train.parse_args([*base, "--no-keep-better-pure"])).keep_better_pure
 
 
 def test_score_term_switches_off_one_interval_after_the_last_session():
