@@ -370,7 +370,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=None,
         dest="keep_better_pure",
-        help="bilevel PEBBLE: the z ← y guard (when r_x rates y's actions above z's, copy y into z)",
+        help="bilevel PEBBLE: the z ← y guard, on by default (when r_x rates y's actions above z's, copy y "
+        "into z and skip that reward step's penalty term)",
     )
     p.add_argument("--reward-batch", type=int, dest="reward_batch")
     p.add_argument("--num-interact", type=int, dest="num_interact")

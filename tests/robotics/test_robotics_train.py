@@ -112,10 +112,10 @@ def test_cli_refuses_before_running(tmp_path, capsys):
 
 def test_cli_flags_reach_the_config():
     base = ["--env", "walker_walk", "--method", "brl", "--preset", "reduced"]
-    assert not train.config_from_args(train.parse_args(base)).keep_better_pure  # the preset's value
-    cfg = train.config_from_args(train.parse_args([*base, "--keep-better-pure", "--lam", "3"]))
-    assert cfg.keep_better_pure and cfg.lam == 3.0 and cfg.labels == 100
-    assert not train.config_from_args(train.parse_args([*base, "--no-keep-better-pure"])).keep_better_pure
+    assert train.config_from_args(train.parse_args(base)).keep_better_pure  # the default
+    cfg = train.config_from_args(train.parse_args([*base, "--no-keep-better-pure", "--lam", "3"]))
+    assert not cfg.keep_better_pure and cfg.lam == 3.0 and cfg.labels == 100
+    assert train.config_from_args(train.parse_args([*base, "--keep-better-pure"])).keep_better_pure
 
 
 def test_score_term_switches_off_one_interval_after_the_last_session():
