@@ -23,7 +23,9 @@ One outer step of Algorithm 1 is one feedback session: between sessions ``solver
 once per environment step (K = ``num_interact``); at the session the ensemble takes one
 ``solver.upper_step()`` per minibatch of PEBBLE's reward training (up to ``reward_update`` epochs),
 i.e. ``x ← x - η ∇_x[f + λ (g_x(y) - g_x(z))]``: PEBBLE's preference loss plus
-``λ (Σ_m mean r_m on z's actions - Σ_m mean r_m on y's actions)``.
+``λ (Σ_m mean r_m on z's actions - Σ_m mean r_m on y's actions)``. With ``keep_better_pure`` (the
+solver's z ← y guard, on by default) a reward step that measures ``g_x(y) < g_x(z)`` drops that penalty
+term and copies the whole agent y into z.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ class BilevelLearner:
         seed: int = 0,
         penalised_upper_grad: bool = True,
         score_trust: float | None = 3.0,
-        keep_better_pure: bool = False,
+        keep_better_pure: bool = True,
     ) -> None:
         self.y, self.z = SAC(obs_dim, act_dim, sac, buffer.device), SAC(obs_dim, act_dim, sac, buffer.device)
         self.z.load_state_dict(self.y.state_dict())  # y0 = z0

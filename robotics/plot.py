@@ -9,7 +9,7 @@ Also prints (and writes next to the figure as ``table.md``) the final value and 
 steps every seed has reached (``steps``: the last of them, so unfinished runs show as such), and one row
 per run in ``seeds.md``.
 ``--extra "LABEL=ROOT:METHOD"`` adds the runs of ``METHOD`` under another root as one more curve (a
-variant, e.g. ``--extra "Bilevel PEBBLE + guard=runs/guard:brl"``).
+variant, e.g. ``--extra "Bilevel PEBBLE, no guard=robotics/results/no_guard:brl"``).
 """
 
 from __future__ import annotations
@@ -33,12 +33,17 @@ YLABELS = {"eval_return": "true episode return", "eval_success": "success rate (
 Series = tuple[str, Path, str]  # (label, runs root, method)
 
 
+def metric_column(env: str) -> str:
+    """The CSV column of the task's metric: true return (walker) or success rate (door)."""
+    return "eval_return" if TASKS[env].metric == "return" else "eval_success"
+
+
 def load_curves(
     root: Path, preset: str, env: str, method: str, column: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(steps [T], values [seeds, T])`` of ``column`` (default: the task's metric) on the evaluation steps
     that every seed reached."""
-    column = column or ("eval_return" if TASKS[env].metric == "return" else "eval_success")
+    column = column or metric_column(env)
     curves = []
     for path in sorted((root / preset / env / method).glob("seed*/metrics.csv")):
         with open(path) as fh:
@@ -63,7 +68,7 @@ def seed_table(series: list[Series], preset: str) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for env in TASKS:
-        metric = "eval_return" if TASKS[env].metric == "return" else "eval_success"
+        metric = metric_column(env)
         for name, root, method in series:
             for path in sorted((root / preset / env / method).glob("seed*/metrics.csv")):
                 with open(path) as fh:
@@ -71,13 +76,12 @@ def seed_table(series: list[Series], preset: str) -> str:
                 if not rows:
                     continue
                 last, auc = rows[-1], np.mean([float(r[metric]) for r in rows])
-                z = last.get(f"z_{metric}") or ""
-                z = f"{float(z):.0f}" if z else ""
-                copies = last.get("pure_restarts") or ""
-                copies = f"{float(copies):.0f}" if copies else ""
+                bilevel = [
+                    f"{float(v):.0f}" if (v := last.get(k)) else "" for k in (f"z_{metric}", "pure_restarts")
+                ]
                 lines.append(
                     f"| {env} | {name} | {path.parent.name.removeprefix('seed')} | {last['step']} | "
-                    f"{float(last[metric]):.0f} | {auc:.0f} | {z} | {copies} |"
+                    f"{float(last[metric]):.0f} | {auc:.0f} | {' | '.join(bilevel)} |"
                 )
     return "\n".join(lines)
 
