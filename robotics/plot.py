@@ -24,6 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from robotics.config import PRESETS  # noqa: E402
 from robotics.envs import TASKS  # noqa: E402
 
 METHODS = {"pebble": "PEBBLE", "brl": "Bilevel PEBBLE"}
@@ -88,7 +89,6 @@ def seed_table(series: list[Series], preset: str) -> str:
 
 def plot(root: Path, preset: str, out: Path, extra: list[Series] = ()) -> str:
     series = [(name, root, method) for method, name in METHODS.items()] + list(extra)
-    labels = {"walker_walk": 100, "door_open": 1000}
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.6))
     lines = ["| task | metric | method | seeds | steps | final | AUC |", "|---|---|---|---|---|---|---|"]
     for ax, (env, column) in zip(axes, PANELS):
@@ -102,7 +102,7 @@ def plot(root: Path, preset: str, out: Path, extra: list[Series] = ()) -> str:
             final, auc = summary(values)
             metric = column.removeprefix("eval_")
             lines.append(f"| {env} | {metric} | {name} | {len(values)} | {steps[-1]} | {final} | {auc} |")
-        ax.set_title(f"{TITLES[env]} (feedback = {labels[env]})")
+        ax.set_title(f"{TITLES[env]} (feedback = {PRESETS[preset][env]['labels']})")
         ax.set_xlabel("environment steps")
         ax.set_ylabel(YLABELS[column])
         if column == "eval_success":
