@@ -8,6 +8,9 @@
             last at 83.5k). **Walker uses smaller SAC networks (2x256, batch 512)**; door keeps the
             paper's 3x256 / 512. Seed and pre-training steps as the paper (1000 + 9000).
 ``smoke``   2000 steps and 8-10 labels with tiny networks: checks the whole pipeline.
+
+``method="sac"`` runs a preset's SAC on the true task reward, with no labels and no pre-training (B-Pref's
+``train_SAC.py``): the oracle that the preference-based methods are measured against.
 """
 
 from __future__ import annotations
@@ -20,11 +23,17 @@ from robotics.envs import task_spec
 from robotics.sac import SACConfig
 from robotics.teacher import Teacher
 
+METHODS = {
+    "pebble": "PEBBLE",
+    "brl": "Bilevel PEBBLE",
+    "sac": "SAC on the true reward (oracle)",
+}
+
 
 @dataclass
 class RunConfig:
     env: str = "walker_walk"
-    method: str = "pebble"  # "pebble" or "brl" (bilevel PEBBLE)
+    method: str = "pebble"  # "pebble", "brl" (bilevel PEBBLE) or "sac" (SAC on the true reward: the oracle)
     seed: int = 0
     steps: int = 1_000_000
     seed_steps: int = 1000  # uniformly random actions
@@ -75,8 +84,16 @@ class RunConfig:
     def validate(self) -> None:
         """Refuse a configuration that cannot run as asked, before anything is built."""
         spec = task_spec(self.env)
-        if self.method not in ("pebble", "brl"):
-            raise ValueError(f"unknown method {self.method!r}; choose 'pebble' or 'brl'")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {list(METHODS)}")
+        if self.eval_every < 1 or self.eval_episodes < 1:
+            raise ValueError("eval_every and eval_episodes must be positive")
+        if self.method == "sac":
+            if self.labels:
+                raise ValueError(
+                    f"method 'sac' learns from the true reward and takes no labels (got {self.labels})"
+                )
+            return
         if self.feed_type not in ("uniform", "disagreement"):
             raise ValueError(f"unknown feed_type {self.feed_type!r}; choose 'uniform' or 'disagreement'")
         if self.segment < 1 or self.segment > spec.episode_length:
@@ -101,8 +118,6 @@ class RunConfig:
             )
         if self.lam <= 0:
             raise ValueError(f"lam must be positive, got {self.lam}")
-        if self.eval_every < 1 or self.eval_episodes < 1:
-            raise ValueError("eval_every and eval_episodes must be positive")
 
 
 _WALKER_SAC = SACConfig(hidden_dim=1024, hidden_depth=2, batch_size=1024, lr=5e-4)
@@ -191,6 +206,8 @@ def make_config(env: str, method: str, preset: str = "full", **overrides) -> Run
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     values = dict(PRESETS[preset][env])
     values["sac"] = dataclasses.replace(values["sac"])
+    if method == "sac":  # the oracle: SAC from the true reward (B-Pref's train_SAC.py), no labels
+        values["labels"] = 0
     values.update({k: v for k, v in overrides.items() if v is not None})
     cfg = RunConfig(env=env, method=method, preset=preset, **values)
     cfg.validate()

@@ -1,4 +1,5 @@
-"""Figure 1 of the paper from the runs' CSVs: mean ± std over seeds of the evaluation metric, both methods.
+"""Figure 1 of the paper from the runs' CSVs: mean ± std over seeds of the evaluation metric, both methods
+(and the SAC oracle on the true reward, dashed, where its runs exist).
 
     python -m robotics.plot --runs runs --preset reduced --out runs/reduced/figure1.png
 
@@ -24,10 +25,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from robotics.config import PRESETS  # noqa: E402
+from robotics.config import METHODS, PRESETS  # noqa: E402
 from robotics.envs import TASKS  # noqa: E402
 
-METHODS = {"pebble": "PEBBLE", "brl": "Bilevel PEBBLE"}
 TITLES = {"walker_walk": "Walker-walk", "door_open": "Door Open"}
 PANELS = [("walker_walk", "eval_return"), ("door_open", "eval_success"), ("door_open", "eval_return")]
 YLABELS = {"eval_return": "true episode return", "eval_success": "success rate (%)"}
@@ -97,8 +97,9 @@ def plot(root: Path, preset: str, out: Path, extra: list[Series] = ()) -> str:
             if values.size == 0:
                 continue
             mean, std = values.mean(0), values.std(0)
-            ax.plot(steps, mean, marker=".", markersize=3, label=f"{name} (n={len(values)})")
-            ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+            style = dict(color="0.4", linestyle="--") if method == "sac" else {}  # the oracle
+            line = ax.plot(steps, mean, marker=".", markersize=3, label=f"{name} (n={len(values)})", **style)
+            ax.fill_between(steps, mean - std, mean + std, alpha=0.2, color=line[0].get_color())
             final, auc = summary(values)
             metric = column.removeprefix("eval_")
             lines.append(f"| {env} | {metric} | {name} | {len(values)} | {steps[-1]} | {final} | {auc} |")

@@ -1,4 +1,4 @@
-"""Train PEBBLE or bilevel PEBBLE on one task; the command-line entry point.
+"""Train PEBBLE, bilevel PEBBLE or the SAC oracle on one task; the command-line entry point.
 
     python -m robotics.train --env walker_walk --method brl --labels 100 --steps 1000000 --seed 0
     python -m robotics.train --env door_open --method pebble --preset reduced --seed 1
@@ -8,7 +8,8 @@ reward until the first feedback session at ``seed_steps + unsup_steps`` (uniform
 ``reset_update`` extra updates), then one SAC update per environment step and a feedback session every
 ``num_interact`` steps while labels remain. Every ``eval_every`` steps (at the next episode end): 10
 deterministic episodes (true return; success rate in %), a CSV row, TensorBoard scalars and an atomic
-checkpoint; rerunning the same command resumes from it.
+checkpoint; rerunning the same command resumes from it. ``--method sac`` is B-Pref's ``train_SAC.py``:
+the same SAC stores the true reward and updates from the first step after the random ones.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from tqdm import tqdm
 from brlhf.core import get_rng_state, set_rng_state
 from robotics.bilevel import BilevelLearner
 from robotics.buffer import ReplayBuffer
-from robotics.config import PRESETS, RunConfig, make_config
+from robotics.config import METHODS, PRESETS, RunConfig, make_config
 from robotics.entropy import RunningMeanStd, state_entropy_reward
 from robotics.envs import TASKS, episode_seed, make_env, task_spec
 from robotics.feedback import feedback_session
@@ -87,7 +88,7 @@ class Trainer:
         common = (o, a, cfg.sac, self.ensemble, self.reward_optimizer, self.buffer, self.prefs)
         self.learner: PebbleLearner | BilevelLearner = (
             PebbleLearner(*common)
-            if cfg.method == "pebble"
+            if cfg.method in ("pebble", "sac")
             else BilevelLearner(
                 *common,
                 lam=cfg.lam,
@@ -109,7 +110,10 @@ class Trainer:
     # -------------------------------------------------------------- updates
     def _update(self) -> None:
         cfg, start = self.cfg, self.cfg.seed_steps + self.cfg.unsup_steps
-        if self.step == start:
+        if cfg.method == "sac":  # the oracle: the buffer holds the true reward, no pre-training
+            if self.step > cfg.seed_steps:
+                self.learner.rl_update()
+        elif self.step == start:
             self._session(first=True)
         elif self.step > start:
             if self.total_feedback < cfg.labels and self.interact_count == cfg.num_interact:
@@ -293,10 +297,14 @@ class Trainer:
         action = action.astype(np.float32)
         self._update()
         next_obs, reward, term, trunc, info = self.env.step(action)
-        with torch.no_grad():
-            r_hat = self.ensemble(torch.from_numpy(np.concatenate([obs, action])).to(self.device)).item()
+        if self.cfg.method == "sac":
+            stored = float(reward)
+        else:
+            with torch.no_grad():
+                sa = torch.from_numpy(np.concatenate([obs, action])).to(self.device)
+                stored = self.ensemble(sa).item()
         self.store.add(obs, action, reward)
-        self.buffer.add(obs, action, r_hat, next_obs, term)
+        self.buffer.add(obs, action, stored, next_obs, term)
         self.step, self.interact_count = self.step + 1, self.interact_count + 1
         return next_obs, reward, term, trunc, info
 
@@ -352,7 +360,12 @@ class Trainer:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m robotics.train", description=__doc__.split("\n")[0])
     p.add_argument("--env", required=True, help=f"one of {sorted(TASKS)}")
-    p.add_argument("--method", choices=["pebble", "brl"], default="pebble")
+    p.add_argument(
+        "--method",
+        choices=list(METHODS),
+        default="pebble",
+        help="pebble, brl (bilevel PEBBLE) or sac (SAC on the true reward, no labels: the oracle)",
+    )
     p.add_argument("--preset", default="full", help=f"one of {sorted(PRESETS)}")
     p.add_argument("--labels", type=int, help="label budget (default: the preset's)")
     p.add_argument("--steps", type=int, help="environment steps (default: the preset's)")

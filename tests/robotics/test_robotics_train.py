@@ -1,4 +1,4 @@
-"""End to end: smoke runs of both methods on both tasks, exact checkpoint resume, bad configs, the plot."""
+"""End to end: smoke runs of every method on both tasks, exact checkpoint resume, bad configs, the plot."""
 
 import csv
 
@@ -20,7 +20,7 @@ def _rows(path):
         return list(csv.DictReader(fh))
 
 
-SMOKE = [(env, method) for env in ("walker_walk", "door_open") for method in ("pebble", "brl")]
+SMOKE = [(env, method) for env in ("walker_walk", "door_open") for method in ("pebble", "brl", "sac")]
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +72,14 @@ def test_plot_draws_both_tasks_from_the_csvs(smoke_runs, tmp_path):
     extra = plot.parse_extra(f"variant={root}:brl")
     table = plot.plot(root, "smoke", tmp_path / "fig.png", [extra])
     assert (tmp_path / "fig.png").stat().st_size > 1000
-    assert table.count("| walker_walk | return |") == 3
-    assert table.count("| door_open | success |") == 3 and table.count("| door_open | return |") == 3
+    assert table.count("| walker_walk | return |") == 4  # PEBBLE, bilevel, the SAC oracle, the variant
+    assert table.count("| door_open | success |") == 4 and table.count("| door_open | return |") == 4
     assert (tmp_path / "table.md").read_text().strip() == table
     # the final value in the table is the CSV's last evaluation (one seed: std 0)
     last = float(_rows(smoke_runs[1]["walker_walk", "brl"][1] / "metrics.csv")[-1]["eval_return"])
     assert f"| walker_walk | return | variant | 1 | 2000 | {last:.1f} ± 0.0 |" in table
     seeds = (tmp_path / "seeds.md").read_text()
-    assert seeds.count("| walker_walk |") == 3 and seeds.count("| door_open |") == 3
+    assert seeds.count("| walker_walk |") == 4 and seeds.count("| door_open |") == 4
     assert f"| walker_walk | variant | 0 | 2000 | {last:.0f} |" in seeds
     with pytest.raises(SystemExit, match="LABEL=ROOT:METHOD"):
         plot.parse_extra("no-root")
@@ -95,6 +95,7 @@ def test_plot_draws_both_tasks_from_the_csvs(smoke_runs, tmp_path):
         (dict(env="door_open", method="pebble", segment=600), "does not fit in a door_open episode of 500"),
         (dict(env="door_open", method="pebble", preset="smoke", unsup_steps=100), "no segment to query"),
         (dict(env="walker_walk", method="brl", lam=0.0), "lam must be positive"),
+        (dict(env="walker_walk", method="sac", labels=100), "takes no labels"),
     ],
 )
 def test_bad_configs_are_refused(kwargs, message):
@@ -116,6 +117,20 @@ def test_cli_flags_reach_the_config():
     cfg = train.config_from_args(train.parse_args([*base, "--no-keep-better-pure", "--lam", "3"]))
     assert not cfg.keep_better_pure and cfg.lam == 3.0 and cfg.labels == 100
     assert train.config_from_args(train.parse_args([*base, "--keep-better-pure"])).keep_better_pure
+
+
+def test_sac_oracle_learns_from_the_true_reward_without_labels():
+    cfg = make_config("door_open", "sac", "smoke", steps=1000, eval_every=1000)
+    trainer = train.Trainer(cfg)
+    ensemble = [p.clone() for p in trainer.ensemble.parameters()]
+    actor = [p.clone() for p in trainer.learner.agent.actor.parameters()]
+    trainer.run()
+    # the replay buffer holds the environment's reward, step for step (two 500-step episodes)
+    stored, true = trainer.buffer.reward[:1000].reshape(2, 500), trainer.store.reward[:2]
+    assert trainer.store.count == 2 and (stored == true).all() and true.std() > 0
+    assert trainer.total_feedback == 0 and trainer.sessions == 0 and trainer.prefs.size == 0
+    assert all(torch.equal(a, b) for a, b in zip(ensemble, trainer.ensemble.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(actor, trainer.learner.agent.actor.parameters()))
 
 
 def test_score_term_switches_off_one_interval_after_the_last_session():
