@@ -10,7 +10,8 @@ Also prints (and writes next to the figure as ``table.md``) the final value and 
 steps every seed has reached (``steps``: the last of them, so unfinished runs show as such), and one row
 per run in ``seeds.md``.
 ``--extra "LABEL=ROOT:METHOD"`` adds the runs of ``METHOD`` under another root as one more curve (a
-variant, e.g. ``--extra "Bilevel PEBBLE, no guard=robotics/results/no_guard:brl"``).
+variant, e.g. ``--extra "Bilevel PEBBLE, no guard=robotics/results/no_guard:brl"``); ``--until STEP`` uses the
+evaluations up to ``STEP`` only, to compare runs that have not all finished at the same step.
 """
 
 from __future__ import annotations
@@ -39,16 +40,29 @@ def metric_column(env: str) -> str:
     return "eval_return" if TASKS[env].metric == "return" else "eval_success"
 
 
-def load_curves(
-    root: Path, preset: str, env: str, method: str, column: str | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(steps [T], values [seeds, T])`` of ``column`` (default: the task's metric) on the evaluation steps
-    that every seed reached."""
-    column = column or metric_column(env)
-    curves = []
+def read_runs(
+    root: Path, preset: str, env: str, method: str, until: int | None = None
+) -> dict[str, list[dict[str, str]]]:
+    """``{seed: CSV rows}`` of every run of ``method`` on ``env``, the rows up to step ``until`` if given."""
+    runs = {}
     for path in sorted((root / preset / env / method).glob("seed*/metrics.csv")):
         with open(path) as fh:
-            curves.append({int(r["step"]): float(r[column]) for r in csv.DictReader(fh)})
+            rows = [r for r in csv.DictReader(fh) if until is None or int(r["step"]) <= until]
+        if rows:
+            runs[path.parent.name.removeprefix("seed")] = rows
+    return runs
+
+
+def load_curves(
+    root: Path, preset: str, env: str, method: str, column: str | None = None, until: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps [T], values [seeds, T])`` of ``column`` (default: the task's metric) on the evaluation steps
+    that every seed reached (up to ``until``)."""
+    column = column or metric_column(env)
+    curves = [
+        {int(r["step"]): float(r[column]) for r in rows}
+        for rows in read_runs(root, preset, env, method, until).values()
+    ]
     if not curves:
         return np.zeros(0), np.zeros((0, 0))
     steps = sorted(set.intersection(*(set(c) for c in curves)))
@@ -61,39 +75,35 @@ def summary(values: np.ndarray) -> tuple[str, str]:
     return f"{final.mean():.1f} ± {final.std():.1f}", f"{auc.mean():.1f} ± {auc.std():.1f}"
 
 
-def seed_table(series: list[Series], preset: str) -> str:
-    """One row per run: the last evaluation of the task's metric (``y``'s for bilevel PEBBLE), the mean over
+def seed_table(series: list[Series], preset: str, until: int | None = None) -> str:
+    """One row per run and panel metric: its last evaluation (``y``'s for bilevel PEBBLE), the mean over
     evaluations, ``z``'s last value and the number of z ← y copies (bilevel), and the step reached."""
     lines = [
-        "| task | method | seed | steps | final | AUC | z final | z ← y copies |",
-        "|---|---|---|---|---|---|---|---|",
+        "| task | metric | method | seed | steps | final | AUC | z final | z ← y copies |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for env in TASKS:
-        metric = metric_column(env)
+    for env, metric in PANELS:
         for name, root, method in series:
-            for path in sorted((root / preset / env / method).glob("seed*/metrics.csv")):
-                with open(path) as fh:
-                    rows = list(csv.DictReader(fh))
-                if not rows:
-                    continue
+            for seed, rows in read_runs(root, preset, env, method, until).items():
                 last, auc = rows[-1], np.mean([float(r[metric]) for r in rows])
                 bilevel = [
                     f"{float(v):.0f}" if (v := last.get(k)) else "" for k in (f"z_{metric}", "pure_restarts")
                 ]
                 lines.append(
-                    f"| {env} | {name} | {path.parent.name.removeprefix('seed')} | {last['step']} | "
+                    f"| {env} | {metric.removeprefix('eval_')} | {name} | "
+                    f"{seed} | {last['step']} | "
                     f"{float(last[metric]):.0f} | {auc:.0f} | {' | '.join(bilevel)} |"
                 )
     return "\n".join(lines)
 
 
-def plot(root: Path, preset: str, out: Path, extra: list[Series] = ()) -> str:
+def plot(root: Path, preset: str, out: Path, extra: list[Series] = (), until: int | None = None) -> str:
     series = [(name, root, method) for method, name in METHODS.items()] + list(extra)
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.6))
     lines = ["| task | metric | method | seeds | steps | final | AUC |", "|---|---|---|---|---|---|---|"]
     for ax, (env, column) in zip(axes, PANELS):
         for name, series_root, method in series:
-            steps, values = load_curves(series_root, preset, env, method, column)
+            steps, values = load_curves(series_root, preset, env, method, column, until)
             if values.size == 0:
                 continue
             mean, std = values.mean(0), values.std(0)
@@ -117,7 +127,7 @@ def plot(root: Path, preset: str, out: Path, extra: list[Series] = ()) -> str:
     plt.close(fig)
     table = "\n".join(lines)
     out.with_name("table.md").write_text(table + "\n")
-    out.with_name("seeds.md").write_text(seed_table(series, preset) + "\n")
+    out.with_name("seeds.md").write_text(seed_table(series, preset, until) + "\n")
     return table
 
 
@@ -138,10 +148,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", default="reduced")
     p.add_argument("--out", help="PNG path (default: <runs>/<preset>/figure1.png)")
     p.add_argument("--extra", action="append", default=[], help="LABEL=ROOT:METHOD, one more curve")
+    p.add_argument("--until", type=int, help="use evaluations up to this step only (compare unfinished runs)")
     args = p.parse_args(argv)
     root = Path(args.runs)
     out = Path(args.out) if args.out else root / args.preset / "figure1.png"
-    print(plot(root, args.preset, out, [parse_extra(e) for e in args.extra]))
+    print(plot(root, args.preset, out, [parse_extra(e) for e in args.extra], args.until))
     print(f"wrote {out}")
 
 

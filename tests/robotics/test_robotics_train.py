@@ -79,10 +79,17 @@ def test_plot_draws_both_tasks_from_the_csvs(smoke_runs, tmp_path):
     last = float(_rows(smoke_runs[1]["walker_walk", "brl"][1] / "metrics.csv")[-1]["eval_return"])
     assert f"| walker_walk | return | variant | 1 | 2000 | {last:.1f} ± 0.0 |" in table
     seeds = (tmp_path / "seeds.md").read_text()
-    assert seeds.count("| walker_walk |") == 4 and seeds.count("| door_open |") == 4
-    assert f"| walker_walk | variant | 0 | 2000 | {last:.0f} |" in seeds
+    assert seeds.count("| walker_walk | return |") == 4
+    assert seeds.count("| door_open | success |") == 4 and seeds.count("| door_open | return |") == 4
+    assert f"| walker_walk | return | variant | 0 | 2000 | {last:.0f} |" in seeds
     with pytest.raises(SystemExit, match="LABEL=ROOT:METHOD"):
         plot.parse_extra("no-root")
+    # --until: every row ends at the first evaluation (step 1000) with its value there
+    early = plot.plot(root, "smoke", tmp_path / "early" / "fig.png", until=1000)
+    first = float(_rows(smoke_runs[1]["walker_walk", "brl"][1] / "metrics.csv")[0]["eval_return"])
+    assert f"| walker_walk | return | Bilevel PEBBLE | 1 | 1000 | {first:.1f} ± 0.0 |" in early
+    assert all("| 1000 |" in row for row in early.splitlines()[2:])
+    assert (tmp_path / "early" / "seeds.md").read_text().count("| 1000 |") == 9  # 3 methods x 3 panels
 
 
 @pytest.mark.parametrize(
