@@ -122,6 +122,16 @@ class RunConfig:
 
 _WALKER_SAC = SACConfig(hidden_dim=1024, hidden_depth=2, batch_size=1024, lr=5e-4)
 _DOOR_SAC = SACConfig(hidden_dim=256, hidden_depth=3, batch_size=512, lr=3e-4)
+_SMOKE = dict(  # what both tasks' smoke presets share: 2k steps, 2 sessions, small networks
+    steps=2000,
+    num_interact=500,
+    reward_update=5,
+    reward_hidden=64,
+    reset_update=10,
+    eval_every=1000,
+    eval_episodes=1,
+    f_pairs=4,
+)
 
 PRESETS: dict[str, dict[str, dict]] = {
     "full": {
@@ -166,34 +176,20 @@ PRESETS: dict[str, dict[str, dict]] = {
     },
     "smoke": {
         "walker_walk": dict(
-            steps=2000,
+            **_SMOKE,
             seed_steps=500,
             unsup_steps=500,
             labels=8,
             reward_batch=4,
-            num_interact=500,
-            reward_update=5,
-            reward_hidden=64,
-            reset_update=10,
             sac=SACConfig(hidden_dim=64, hidden_depth=2, batch_size=64, lr=5e-4),
-            eval_every=1000,
-            eval_episodes=1,
-            f_pairs=4,
         ),
         "door_open": dict(
-            steps=2000,
+            **_SMOKE,
             seed_steps=250,
             unsup_steps=250,
             labels=10,
             reward_batch=5,
-            num_interact=500,
-            reward_update=5,
-            reward_hidden=64,
-            reset_update=10,
             sac=SACConfig(hidden_dim=64, hidden_depth=2, batch_size=64, lr=3e-4),
-            eval_every=1000,
-            eval_episodes=1,
-            f_pairs=4,
         ),
     },
 }

@@ -187,9 +187,15 @@ class SAC:
         q = self.critic(batch["obs"], batch["action"])
         loss = F.mse_loss(q[0], target_q) + F.mse_loss(q[1], target_q)
         self.critic_optimizer.zero_grad(set_to_none=True)
+        value = loss.item()
+        if not math.isfinite(value):  # a NaN reward, observation or weight reaches L_Q first: stop here
+            raise FloatingPointError(
+                f"SAC critic loss is {value} at update {self.num_updates}: a reward, an observation or a "
+                "network weight is not finite"
+            )
         loss.backward(inputs=list(self.critic.parameters()))
         self.critic_optimizer.step()
-        return loss.item()
+        return value
 
     def actor_loss(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         """``(L_π, log π(ã|s))``; the critic is only read (gradients flow to the actor only)."""

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from brlhf.core import get_rng_state, set_rng_state
+from brlhf.core import BilevelLossError, get_rng_state, set_rng_state
 from robotics.bilevel import BilevelLearner
 from robotics.buffer import ReplayBuffer
 from robotics.config import METHODS, PRESETS, RunConfig, make_config
@@ -104,6 +104,7 @@ class Trainer:
         self.interact_count, self.sessions = 0, 0
         self.recent_returns: deque[float] = deque(maxlen=10)
         self.next_eval, self.wall = cfg.eval_every, 0.0
+        self.saved_step: int | None = None  # the step of the last checkpoint written or resumed from
         self.last: dict[str, float] = {}
         self.writer = None
 
@@ -270,6 +271,7 @@ class Trainer:
         tmp = self.out / "checkpoint.pt.tmp"
         torch.save(self.state_dict(), tmp)
         os.replace(tmp, self.out / "checkpoint.pt")
+        self.saved_step = self.step
 
     def resume(self) -> bool:
         """Load ``checkpoint.pt`` if there is one; drop CSV rows written after it (the file is rewritten with
@@ -277,6 +279,7 @@ class Trainer:
         if self.out is None or not (self.out / "checkpoint.pt").exists():
             return False
         self.load_state_dict(torch.load(self.out / "checkpoint.pt", map_location="cpu", weights_only=False))
+        self.saved_step = self.step
         path = self.out / "metrics.csv"
         if path.exists():
             with open(path) as fh:
@@ -439,7 +442,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{out} is complete ({trainer.step} steps)")
             return
         print(f"resumed {out} at step {trainer.step}")
-    rows = trainer.run()
+    try:
+        rows = trainer.run()
+    except (FloatingPointError, BilevelLossError) as e:  # diverged: the last checkpoint is left as it was
+        step = trainer.saved_step
+        kept = "no checkpoint yet" if step is None else f"the checkpoint of step {step} is kept"
+        raise SystemExit(f"error: {out} stopped at step {trainer.step}: {e} ({kept})") from None
     if rows:
         print(json.dumps(rows[-1]))
 

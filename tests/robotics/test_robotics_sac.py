@@ -1,6 +1,7 @@
 """SAC: the squashed-Gaussian log-density, the batched double Q, target updates, and that it learns."""
 
 import numpy as np
+import pytest
 import torch
 from torch.distributions import Normal, TransformedDistribution
 from torch.distributions.transforms import TanhTransform
@@ -128,3 +129,15 @@ def test_reset_critic_and_state_dict_round_trip():
     assert not torch.equal(next(a.critic.parameters()), next(b.critic.parameters()))
     for p, q in zip(a.critic.parameters(), a.critic_target.parameters()):
         assert torch.equal(p, q)
+
+
+def test_a_non_finite_critic_loss_stops_the_update_before_any_weight_moves():
+    agent = SAC(3, 2, SMALL)
+    batch = dict(obs=torch.randn(8, 3), action=torch.rand(8, 2), next_obs=torch.randn(8, 3))
+    batch.update(reward=torch.ones(8), not_done=torch.ones(8))
+    batch["reward"][3] = float("nan")
+    before = [p.clone() for p in (*agent.critic.parameters(), *agent.actor.parameters())]
+    with pytest.raises(FloatingPointError, match="critic loss is nan"):
+        agent.update(batch)
+    after = [*agent.critic.parameters(), *agent.actor.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))

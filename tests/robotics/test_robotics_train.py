@@ -67,6 +67,35 @@ def test_resume_reproduces_the_uninterrupted_run(smoke_runs, tmp_path):
         other.resume()
 
 
+def test_a_diverged_run_stops_with_the_last_checkpoint_intact(smoke_runs, tmp_path, monkeypatch):
+    """NaN weights after the second session: the CLI stops with a message, the checkpoint written before
+    is left as it was, and resuming from it gives the uninterrupted run's rows."""
+    argv = ["--env", "door_open", "--method", "pebble", "--preset", "smoke", "--out", str(tmp_path)]
+    session = train.Trainer._session
+
+    def poisoned(self, first):
+        session(self, first)
+        if self.sessions == 2:
+            with torch.no_grad():
+                next(self.learner.agent.actor.parameters()).fill_(float("nan"))
+
+    monkeypatch.setattr(train.Trainer, "_session", poisoned)
+    diverged = r"stopped at step 1\d\d\d: SAC critic loss is nan .*checkpoint of step 1000 is kept"
+    with pytest.raises(SystemExit, match=diverged):
+        train.main([*argv, "--no-progress"])
+    out = tmp_path / "smoke" / "door_open" / "pebble" / "seed0"
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert saved["counters"]["step"] == 1000
+    assert all(v.isfinite().all() for v in saved["learner"]["agent"]["actor"].values())
+    monkeypatch.setattr(train.Trainer, "_session", session)
+    train.main([*argv, "--no-progress"])
+    drop = {"sps", "wall_s"}
+    a, b = _rows(smoke_runs[1]["door_open", "pebble"][1] / "metrics.csv"), _rows(out / "metrics.csv")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in a] == [
+        {k: v for k, v in r.items() if k not in drop} for r in b
+    ]
+
+
 def test_plot_draws_both_tasks_from_the_csvs(smoke_runs, tmp_path):
     root = smoke_runs[0]
     extra = plot.parse_extra(f"variant={root}:brl")
