@@ -8,7 +8,8 @@ rate in % (the paper's metric) and its true episode return (which moves long bef
 Also prints (and writes next to the figure as ``table.md``) the final value and the area under the curve
 (the mean of the evaluation points) per method, task and metric, mean ± std over seeds, on the evaluation
 steps every seed has reached (``steps``: the last of them, so unfinished runs show as such), and one row
-per run in ``seeds.md``.
+per run in ``seeds.md``, and ``agents.png``: the true return of both bilevel agents (``y`` and ``z``) against
+PEBBLE's, with the span in which labels arrive (and ``y``'s ``f/λ`` term is on) shaded.
 ``--extra "LABEL=ROOT:METHOD"`` adds the runs of ``METHOD`` under another root as one more curve (a
 variant, e.g. ``--extra "Bilevel PEBBLE, no guard=robotics/results/no_guard:brl"``); ``--until STEP`` uses the
 evaluations up to ``STEP`` only, to compare runs that have not all finished at the same step.
@@ -26,7 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from robotics.config import METHODS, PRESETS  # noqa: E402
+from robotics.config import METHODS, PRESETS, make_config  # noqa: E402
 from robotics.envs import TASKS  # noqa: E402
 
 TITLES = {"walker_walk": "Walker-walk", "door_open": "Door Open"}
@@ -128,7 +129,45 @@ def plot(root: Path, preset: str, out: Path, extra: list[Series] = (), until: in
     table = "\n".join(lines)
     out.with_name("table.md").write_text(table + "\n")
     out.with_name("seeds.md").write_text(seed_table(series, preset, until) + "\n")
+    plot_agents([x for x in series if x[2] != "sac"], preset, out.with_name("agents.png"), until)
     return table
+
+
+def plot_agents(
+    series: list[Series], preset: str, out: Path, until: int | None = None
+) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
+    """Both agents of bilevel PEBBLE against PEBBLE's: true return of ``y`` (solid) and ``z`` (dotted) per
+    task, with the span in which labels arrive and ``y``'s ``f/λ`` term is on shaded. Returns the curves
+    drawn, ``{(env, label): (steps, mean over seeds)}``."""
+    envs, drawn = list(TASKS), {}
+    fig, axes = plt.subplots(1, len(envs), figsize=(5 * len(envs), 3.6))
+    for ax, env in zip(axes, envs):
+        cfg = make_config(env, "brl", preset)
+        span = (cfg.seed_steps + cfg.unsup_steps, cfg.last_session_step + cfg.num_interact)
+        ax.axvspan(*span, color="0.9", label="labels arrive (f/λ on)")
+        for name, root, method in series:
+            agents = [("", "-")] + ([("z_", ":")] if method == "brl" else [])
+            colour = None
+            for prefix, style in agents:
+                steps, values = load_curves(root, preset, env, method, f"{prefix}eval_return", until)
+                if values.size == 0:
+                    break
+                if prefix:  # z is a copy of y from the first session on, untrained before
+                    values, steps = values[:, steps > span[0]], steps[steps > span[0]]
+                who = {"": " (y)", "z_": " (z)"}[prefix] if method == "brl" else ""
+                label = f"{name}{who} (n={len(values)})"
+                drawn[env, label] = steps, values.mean(0)
+                line = ax.plot(*drawn[env, label], style, color=colour, marker=".", ms=3, label=label)
+                colour = line[0].get_color()
+        ax.set_title(f"{TITLES[env]}: agents y, z and PEBBLE's")
+        ax.set_xlabel("environment steps")
+        ax.set_ylabel("true episode return (mean over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return drawn
 
 
 def parse_extra(spec: str) -> Series:

@@ -104,6 +104,16 @@ def test_plot_draws_both_tasks_from_the_csvs(smoke_runs, tmp_path):
     assert table.count("| walker_walk | return |") == 4  # PEBBLE, bilevel, the SAC oracle, the variant
     assert table.count("| door_open | success |") == 4 and table.count("| door_open | return |") == 4
     assert (tmp_path / "table.md").read_text().strip() == table
+    assert (tmp_path / "agents.png").stat().st_size > 1000
+    # the agents figure: y and z of bilevel PEBBLE (z from its first session on) and PEBBLE's agent
+    series = [(name, root, method) for method, name in plot.METHODS.items() if method != "sac"]
+    drawn = plot.plot_agents(series, "smoke", tmp_path / "agents.png")
+    cfg, out, _ = smoke_runs[1]["door_open", "brl"]
+    rows, first_session = _rows(out / "metrics.csv"), cfg.seed_steps + cfg.unsup_steps
+    steps, z = drawn["door_open", "Bilevel PEBBLE (z) (n=1)"]
+    assert list(steps) == [int(r["step"]) for r in rows if int(r["step"]) > first_session] == [1000, 2000]
+    assert list(z) == [float(r["z_eval_return"]) for r in rows if int(r["step"]) > first_session]
+    assert ("walker_walk", "PEBBLE (n=1)") in drawn and not any("oracle" in label for _, label in drawn)
     # the final value in the table is the CSV's last evaluation (one seed: std 0)
     last = float(_rows(smoke_runs[1]["walker_walk", "brl"][1] / "metrics.csv")[-1]["eval_return"])
     assert f"| walker_walk | return | variant | 1 | 2000 | {last:.1f} ± 0.0 |" in table
