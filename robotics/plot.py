@@ -171,8 +171,8 @@ def plot_agents(
 
 
 def parse_extra(spec: str) -> Series:
-    """``"LABEL=ROOT:METHOD"`` -> ``(LABEL, Path(ROOT), METHOD)``."""
-    label, sep, rest = spec.partition("=")
+    """``"LABEL=ROOT:METHOD"`` -> ``(LABEL, Path(ROOT), METHOD)``; the label may hold "=" (``λ = 100``)."""
+    label, sep, rest = spec.rpartition("=")
     root, colon, method = rest.rpartition(":")
     if not (sep and colon and label and root) or method not in METHODS:
         raise SystemExit(
@@ -191,7 +191,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     root = Path(args.runs)
     out = Path(args.out) if args.out else root / args.preset / "figure1.png"
-    print(plot(root, args.preset, out, [parse_extra(e) for e in args.extra], args.until))
+    extra = [parse_extra(e) for e in args.extra]
+    for label, extra_root, method in extra:
+        if not any(read_runs(extra_root, args.preset, env, method) for env in TASKS):
+            raise SystemExit(f"error: --extra {label!r}: no {method} runs under {extra_root / args.preset}")
+    print(plot(root, args.preset, out, extra, args.until))
     print(f"wrote {out}")
 
 

@@ -123,6 +123,9 @@ def test_plot_draws_both_tasks_from_the_csvs(smoke_runs, tmp_path):
     assert f"| walker_walk | return | variant | 0 | 2000 | {last:.0f} |" in seeds
     with pytest.raises(SystemExit, match="LABEL=ROOT:METHOD"):
         plot.parse_extra("no-root")
+    assert plot.parse_extra("λ = 100=runs/x:brl") == ("λ = 100", plot.Path("runs/x"), "brl")
+    with pytest.raises(SystemExit, match="no brl runs under"):
+        plot.main(["--runs", str(root), "--preset", "smoke", "--extra", f"v={tmp_path}/none:brl"])
     # --until: every row ends at the first evaluation (step 1000) with its value there
     early = plot.plot(root, "smoke", tmp_path / "early" / "fig.png", until=1000)
     first = float(_rows(smoke_runs[1]["walker_walk", "brl"][1] / "metrics.csv")[0]["eval_return"])
