@@ -78,8 +78,18 @@ class RunConfig:
         return math.ceil(self.labels / self.reward_batch)
 
     @property
+    def first_session_step(self) -> int:
+        """The first feedback session (and the end of pre-training)."""
+        return self.seed_steps + self.unsup_steps
+
+    @property
     def last_session_step(self) -> int:
-        return self.seed_steps + self.unsup_steps + (self.sessions - 1) * self.num_interact
+        return self.first_session_step + (self.sessions - 1) * self.num_interact
+
+    @property
+    def labels_done_step(self) -> int:
+        """One interval after the last session: every label is spent and y's ``f/λ`` term goes off."""
+        return self.last_session_step + self.num_interact
 
     def validate(self) -> None:
         """Refuse a configuration that cannot run as asked, before anything is built."""
@@ -103,16 +113,16 @@ class RunConfig:
             )
         if self.labels < 1 or self.reward_batch < 1 or self.num_interact < 1:
             raise ValueError("labels, reward_batch and num_interact must be positive")
-        if self.seed_steps + self.unsup_steps < spec.episode_length:
+        if self.first_session_step < spec.episode_length:
             raise ValueError(
-                f"the first feedback session (step {self.seed_steps + self.unsup_steps}) comes before the "
+                f"the first feedback session (step {self.first_session_step}) comes before the "
                 f"first complete episode ({spec.episode_length} steps): no segment to query"
             )
         if self.last_session_step >= self.steps:
             raise ValueError(
                 f"label budget {self.labels} cannot be spent: {self.sessions} sessions of "
                 f"{self.reward_batch} labels every {self.num_interact} steps after step "
-                f"{self.seed_steps + self.unsup_steps} end at "
+                f"{self.first_session_step} end at "
                 f"step {self.last_session_step}, but the run has only {self.steps} steps; raise --steps or "
                 f"reward_batch, or lower num_interact or --labels"
             )

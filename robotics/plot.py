@@ -143,7 +143,7 @@ def plot_agents(
     fig, axes = plt.subplots(1, len(envs), figsize=(5 * len(envs), 3.6))
     for ax, env in zip(axes, envs):
         cfg = make_config(env, "brl", preset)
-        span = (cfg.seed_steps + cfg.unsup_steps, cfg.last_session_step + cfg.num_interact)
+        span = (cfg.first_session_step, cfg.labels_done_step)
         ax.axvspan(*span, color="0.9", label="labels arrive (f/λ on)")
         for name, root, method in series:
             agents = [("", "-")] + ([("z_", ":")] if method == "brl" else [])

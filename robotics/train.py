@@ -110,7 +110,7 @@ class Trainer:
 
     # -------------------------------------------------------------- updates
     def _update(self) -> None:
-        cfg, start = self.cfg, self.cfg.seed_steps + self.cfg.unsup_steps
+        cfg, start = self.cfg, self.cfg.first_session_step
         if cfg.method == "sac":  # the oracle: the buffer holds the true reward, no pre-training
             if self.step > cfg.seed_steps:
                 self.learner.rl_update()

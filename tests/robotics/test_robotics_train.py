@@ -109,7 +109,7 @@ def test_plot_draws_both_tasks_from_the_csvs(smoke_runs, tmp_path):
     series = [(name, root, method) for method, name in plot.METHODS.items() if method != "sac"]
     drawn = plot.plot_agents(series, "smoke", tmp_path / "agents.png")
     cfg, out, _ = smoke_runs[1]["door_open", "brl"]
-    rows, first_session = _rows(out / "metrics.csv"), cfg.seed_steps + cfg.unsup_steps
+    rows, first_session = _rows(out / "metrics.csv"), cfg.first_session_step
     steps, z = drawn["door_open", "Bilevel PEBBLE (z) (n=1)"]
     assert list(steps) == [int(r["step"]) for r in rows if int(r["step"]) > first_session] == [1000, 2000]
     assert list(z) == [float(r["z_eval_return"]) for r in rows if int(r["step"]) > first_session]
@@ -185,7 +185,7 @@ def test_sac_oracle_learns_from_the_true_reward_without_labels():
 def test_score_term_switches_off_one_interval_after_the_last_session():
     cfg = make_config("walker_walk", "brl", "smoke", steps=2600, eval_every=2600)
     trainer = train.Trainer(cfg)
-    trainer.run(max_steps=cfg.last_session_step + cfg.num_interact)
+    trainer.run(max_steps=cfg.labels_done_step)
     assert trainer.total_feedback == cfg.labels and trainer.learner.score_term
     trainer.run()
     assert not trainer.learner.score_term
